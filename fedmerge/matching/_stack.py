@@ -1,0 +1,125 @@
+"""Models stacked along a leading axis, and the tensor contractions every matcher needs.
+
+Matching ``n`` models touches the same parameter of all models at once, so each permuted entry is
+kept as one ``(n, *shape)`` tensor.  A permutation group acting on axis ``a`` is handled by
+*matricising* along that axis: ``(n, d, R)`` with the ``d`` units first and everything else
+(including the ``k`` entries of a block-permuted, flattened axis) in ``R``.  Then
+
+* mapping a model into the common space with a (soft) permutation matrix ``P`` (``(n, d, d)``,
+  ``P[k, i]`` = mass from model unit ``k`` to universe unit ``i``) is ``P^T @ M``;
+* the same with a hard permutation ``perm`` (``perm[i]`` = model unit feeding universe unit ``i``)
+  is a gather ``M[:, perm]``;
+* the linear part of ``<X ×_a P, S>`` in ``P`` is ``M_X @ M_S^T`` — the gradient used by
+  Frank-Wolfe and the cost matrix used by Git Re-Basin.
+
+All tensors stay on the device of the input models.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+
+from ..spec import PermutationSpec
+
+
+def matricize(t: torch.Tensor, axis: int, d: int) -> tuple[torch.Tensor, torch.Size]:
+    """View ``t`` (``(n, *shape)``) as ``(n, d, R)`` along data axis ``axis``; also return the shape to undo it."""
+    moved = t.movedim(axis + 1, 1)
+    return moved.reshape(moved.shape[0], d, -1), moved.shape
+
+
+def unmatricize(m: torch.Tensor, axis: int, moved_shape: torch.Size) -> torch.Tensor:
+    """Inverse of :func:`matricize`."""
+    return m.reshape(moved_shape).movedim(1, axis + 1)
+
+
+def contract_soft(t: torch.Tensor, axis: int, p: torch.Tensor) -> torch.Tensor:
+    """Map axis ``axis`` of every model into the universe with soft matrices ``p`` (``(n, d, d)``)."""
+    m, shape = matricize(t, axis, p.shape[-1])
+    return unmatricize(torch.bmm(p.transpose(1, 2), m), axis, shape)
+
+
+def contract_hard(t: torch.Tensor, axis: int, perm: torch.Tensor) -> torch.Tensor:
+    """Map axis ``axis`` of every model into the universe with index permutations ``perm`` (``(n, d)``)."""
+    d = perm.shape[-1]
+    m, shape = matricize(t, axis, d)
+    idx = perm.unsqueeze(-1).expand(-1, -1, m.shape[-1])
+    return unmatricize(torch.gather(m, 1, idx), axis, shape)
+
+
+def linear_term(x: torch.Tensor, s: torch.Tensor, axis: int, d: int) -> torch.Tensor:
+    """``G[p, k, i] = <x_p restricted to unit k, s_p restricted to unit i>`` along ``axis``."""
+    mx, _ = matricize(x, axis, d)
+    ms, _ = matricize(s, axis, d)
+    return torch.bmm(mx, ms.transpose(1, 2))
+
+
+@dataclass
+class Stack:
+    """The permuted entries of ``n`` state_dicts, stacked, in float32, on one device.
+
+    ``axes[key]`` lists ``(axis, group)`` for the permuted axes of ``key``; entries without a
+    permuted axis are not kept (they are the same in every space and add a constant to every
+    matching objective).
+    """
+
+    spec: PermutationSpec
+    weights: dict[str, torch.Tensor]
+    axes: dict[str, list[tuple[int, str]]]
+    n: int
+    device: torch.device
+
+    @classmethod
+    def from_state_dicts(cls, state_dicts: Sequence[Mapping[str, torch.Tensor]],
+                         spec: PermutationSpec) -> "Stack":
+        device = state_dicts[0][next(iter(state_dicts[0]))].device
+        weights, axes = {}, {}
+        for key in spec.permuted_keys:
+            if not torch.is_floating_point(state_dicts[0][key]):
+                continue
+            weights[key] = torch.stack([sd[key].to(device=device, dtype=torch.float32) for sd in state_dicts])
+            axes[key] = [(a, g) for a, g in enumerate(spec.axes[key]) if g is not None]
+        return cls(spec, weights, axes, len(state_dicts), device)
+
+    def groups(self) -> list[str]:
+        return list(self.spec.sizes)
+
+    def to_universe_hard(self, perms: Mapping[str, torch.Tensor], key: str,
+                         skip: int | None = None, source: torch.Tensor | None = None) -> torch.Tensor:
+        """Entry ``key`` of every model mapped with hard permutations ``perms[g]`` (``(n, d)``).
+
+        ``skip`` leaves that data axis unmapped (what a cost matrix along it needs).
+        """
+        t = self.weights[key] if source is None else source
+        for a, g in self.axes[key]:
+            if a != skip:
+                t = contract_hard(t, a, perms[g])
+        return t
+
+
+def stack_permutations(perms: Sequence[Mapping[str, torch.Tensor]], device) -> dict[str, torch.Tensor]:
+    """``[{g: (d,)}] * n`` -> ``{g: (n, d)}``."""
+    return {g: torch.stack([p[g].to(device) for p in perms]) for g in perms[0]}
+
+
+def unstack_permutations(perms: Mapping[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """``{g: (n, d)}`` -> ``[{g: (d,)}] * n``."""
+    n = next(iter(perms.values())).shape[0]
+    return [{g: p[i].clone() for g, p in perms.items()} for i in range(n)]
+
+
+def pair_objective(stack: Stack, perms: Mapping[str, torch.Tensor]) -> float:
+    """``sum_{p<q} sum_key <U_p, U_q>`` for hard permutations, in float64.
+
+    The matching objective of Git Re-Basin (n = 2) and C²M³ (Eq. 4 of the paper, counted once per
+    unordered pair), computed as ``(||sum_p U_p||^2 - sum_p ||U_p||^2) / 2`` in O(n) per entry.
+    """
+    total = 0.0
+    for key in stack.weights:
+        u = stack.to_universe_hard(perms, key).reshape(stack.n, -1).double()
+        s = u.sum(0)
+        total += float((s @ s - (u * u).sum()) / 2)
+    return total

@@ -1,0 +1,83 @@
+"""Input checks shared by every entry point: fail loudly, naming the model index and the key.
+
+Merging is a silent operation by nature — a wrong input still produces *a* state_dict — so every
+public function that takes models runs these checks first and raises ``ValueError`` with the
+model index and the key at fault.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import torch
+
+from .spec import PermutationSpec
+
+__all__ = ["check_state_dicts", "normalize_weights"]
+
+
+def check_state_dicts(state_dicts: Sequence[Mapping[str, torch.Tensor]],
+                      spec: PermutationSpec | None = None, *, min_models: int = 1) -> None:
+    """Raise ``ValueError`` unless all state_dicts share keys, shapes and finite values (and fit ``spec``)."""
+    if isinstance(state_dicts, Mapping):
+        raise ValueError("expected a sequence of state_dicts, got a single mapping; wrap it in a list")
+    state_dicts = list(state_dicts)
+    if len(state_dicts) == 0:
+        raise ValueError("no state_dicts given: need at least one model")
+    if len(state_dicts) < min_models:
+        raise ValueError(f"need at least {min_models} models, got {len(state_dicts)}")
+    for i, sd in enumerate(state_dicts):
+        if not isinstance(sd, Mapping):
+            raise ValueError(f"model {i}: expected a state_dict (mapping), got {type(sd).__name__}")
+        if len(sd) == 0:
+            raise ValueError(f"model {i}: the state_dict is empty")
+    ref = state_dicts[0]
+    for i, sd in enumerate(state_dicts):
+        missing = [k for k in ref if k not in sd]
+        if missing:
+            raise ValueError(f"model {i}: key {missing[0]!r} is missing (model 0 has it); "
+                             "the models do not share an architecture")
+        extra = [k for k in sd if k not in ref]
+        if extra:
+            raise ValueError(f"model {i}: unexpected key {extra[0]!r} (model 0 does not have it); "
+                             "the models do not share an architecture")
+        for key, t in sd.items():
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"model {i}: key {key!r} holds a {type(t).__name__}, not a tensor")
+            if t.shape != ref[key].shape:
+                raise ValueError(f"model {i}: key {key!r} has shape {tuple(t.shape)} but model 0 has "
+                                 f"{tuple(ref[key].shape)}")
+            if torch.is_floating_point(t) != torch.is_floating_point(ref[key]):
+                raise ValueError(f"model {i}: key {key!r} has dtype {t.dtype} but model 0 has {ref[key].dtype}")
+            if (t.is_floating_point() or t.is_complex()) and not torch.isfinite(t).all():
+                bad = "NaN" if torch.isnan(t).any() else "Inf"
+                raise ValueError(f"model {i}: key {key!r} contains {bad} values")
+        if spec is not None:
+            spec.check_state_dict(sd, name=f"model {i}")
+
+
+def normalize_weights(weights: Sequence[float] | torch.Tensor | None, n: int) -> list[float]:
+    """Turn per-model weights (e.g. client sample counts) into fractions summing to one."""
+    if weights is None:
+        return [1.0 / n] * n
+    if isinstance(weights, torch.Tensor):
+        weights = weights.detach().cpu().tolist()
+    weights = list(weights)
+    if len(weights) != n:
+        raise ValueError(f"got {len(weights)} weights for {n} models")
+    values = []
+    for i, w in enumerate(weights):
+        try:
+            w = float(w)
+        except (TypeError, ValueError):
+            raise ValueError(f"model {i}: weight {w!r} is not a number") from None
+        if not math.isfinite(w):
+            raise ValueError(f"model {i}: weight {w} is not finite")
+        if w < 0:
+            raise ValueError(f"model {i}: weight {w} is negative")
+        values.append(w)
+    total = sum(values)
+    if total <= 0:
+        raise ValueError("all weights are zero: nothing to average")
+    return [w / total for w in values]

@@ -1,0 +1,1 @@
+"""Federated-learning strategies (Flower) built on top of :mod:`fedmerge`."""
