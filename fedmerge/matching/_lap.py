@@ -26,7 +26,10 @@ def _pool() -> ThreadPoolExecutor:
 
 
 def _solve(score: np.ndarray) -> np.ndarray:
-    rows, cols = linear_sum_assignment(score, maximize=True)
+    try:
+        rows, cols = linear_sum_assignment(score, maximize=True)
+    except ValueError as err:  # scipy rejects NaN/Inf entries
+        raise FloatingPointError(f"assignment scores are not finite ({err}); are the weights finite?") from None
     perm = np.empty(score.shape[1], dtype=np.int64)
     perm[cols] = rows
     return perm
@@ -38,15 +41,11 @@ def solve_lap(score: torch.Tensor) -> torch.Tensor:
     ``score[k, i]`` rates sending model unit ``k`` to common-space unit ``i``; the result uses
     fedmerge's convention (``perm[i]`` = model unit that becomes unit ``i``).
     """
-    if not torch.isfinite(score).all():
-        raise FloatingPointError("the assignment scores contain NaN or Inf; the weights are not finite")
     return torch.from_numpy(_solve(score.detach().double().cpu().numpy())).to(score.device)
 
 
 def solve_laps(scores: torch.Tensor) -> torch.Tensor:
     """:func:`solve_lap` for a batch ``(m, d, d)``, in parallel; returns ``(m, d)``."""
-    if not torch.isfinite(scores).all():
-        raise FloatingPointError("the assignment scores contain NaN or Inf; the weights are not finite")
     arrays = scores.detach().double().cpu().numpy()
     if len(arrays) == 1:
         perms = [_solve(arrays[0])]

@@ -236,11 +236,12 @@ def _step_polynomial(stack: Stack, key: str, axes, cache: Mapping[frozenset, tor
                     piece = m[frozenset(sub)] * sign
                     term = piece if term is None else term + piece
             c = term if c is None else c + term
-        coeffs.append(c.reshape(stack.n, -1).double())
-    c = torch.stack(coeffs)  # (k+1, n, numel)
-    per_model = torch.einsum("jpx,lpx->jl", c, c)
-    summed = c.sum(1)
-    gram = (summed @ summed.T - per_model).cpu().numpy() / 2
+        coeffs.append(c.reshape(stack.n, -1))
+    # Gram matrices with BLAS in float32: the cancellations (M_a - U, ...) happened element-wise above
+    c = torch.stack(coeffs, 1)  # (n, k+1, numel)
+    per_model = torch.bmm(c, c.transpose(1, 2)).double().sum(0)
+    summed = c.sum(0)
+    gram = ((summed @ summed.T).double() - per_model).cpu().numpy() / 2
     poly = np.zeros(2 * k + 1)
     for j in range(k + 1):
         for l in range(k + 1):

@@ -1,0 +1,187 @@
+"""The spec self-check: does permuting a model by its spec really leave its function unchanged?
+
+A spec is a claim about a model: "reorder these axes together and the network computes the same
+thing".  That claim is cheap to test, and a wrong spec is otherwise invisible until merged models
+are inexplicably bad, so :func:`check_spec` tests it: it permutes the weights by a random
+permutation of every group, loads them into a copy of the model and compares outputs.  When they
+differ it does not stop at "wrong": it finds a group whose permutation alone breaks the model, then
+the first ``state_dict`` entry (in ``state_dict`` order) where adding or removing that group on a
+single axis repairs it, and names that entry and axis.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from .permutation import permute_axis, random_permutation
+from .spec import PermutationSpec
+from .tracing import spec_for
+
+__all__ = ["SpecError", "check_spec"]
+
+
+class SpecError(ValueError):
+    """The spec does not describe a symmetry of the model.
+
+    ``key``, ``axis`` and ``group`` locate the error when a single-axis fix was found (else
+    ``key`` and ``axis`` are ``None``); ``diff`` is the output change it causes.
+    """
+
+    def __init__(self, message: str, *, key: str | None = None, axis: int | None = None,
+                 group: str | None = None, diff: float | None = None) -> None:
+        super().__init__(message)
+        self.key, self.axis, self.group, self.diff = key, axis, group, diff
+
+
+def _example_input(model: nn.Module, example_input: Any, seed: int, batch: int = 4) -> tuple:
+    if example_input is not None:
+        return tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
+    shape = getattr(model, "input_shape", None)
+    if shape is None:
+        raise ValueError(
+            f"check_spec needs an example input for {type(model).__name__}: pass example_input= (a batch of "
+            f"at least 2 inputs) or give the model an input_shape attribute (the shape of one input, "
+            f"e.g. (3, 32, 32))")
+    p = next((t for t in model.parameters() if t.is_floating_point()), None)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((batch, *tuple(shape)), generator=g)
+    if p is not None:
+        x = x.to(device=p.device, dtype=p.dtype)
+    return (x,)
+
+
+def _tensors(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, Mapping):
+        return [t for v in out.values() for t in _tensors(v)]
+    if isinstance(out, (tuple, list)):
+        return [t for v in out for t in _tensors(v)]
+    return []
+
+
+def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
+        return float("inf")
+    if not a:
+        return 0.0
+    d = max(float((x.double() - y.double()).abs().max()) if x.numel() else 0.0 for x, y in zip(a, b))
+    return d if d == d else float("inf")  # NaN counts as different
+
+
+def _apply(state: Mapping[str, torch.Tensor], axes: Mapping[str, tuple], perm: Mapping[str, torch.Tensor]
+           ) -> dict[str, torch.Tensor]:
+    """Like :func:`~fedmerge.permutation.apply_permutation`, for an axes table that may not be a valid spec."""
+    out = {}
+    for key, t in state.items():
+        for a, g in enumerate(axes[key]):
+            if g is not None and g in perm:
+                t = permute_axis(t, a, perm[g])
+        out[key] = t
+    return out
+
+
+def _nontrivial(perm: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Replace identity permutations (likely for tiny groups) by a cyclic shift: they test nothing."""
+    return {g: (p.roll(1) if p.numel() > 1 and torch.equal(p, torch.arange(p.numel(), device=p.device)) else p)
+            for g, p in perm.items()}
+
+
+def _has_batch_statistics(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def _has_dropout(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules())
+
+
+def check_spec(model: nn.Module, spec: PermutationSpec | None = None, example_input: Any = None, *,
+               atol: float = 1e-5, seed: int = 0, modes: Iterable[str] = ("eval", "train")) -> None:
+    """Raise :class:`SpecError` unless permuting ``model`` by ``spec`` leaves its outputs unchanged.
+
+    ``spec`` defaults to :func:`~fedmerge.tracing.spec_for` (the model's own ``permutation_spec()``
+    or the traced one).  ``example_input`` defaults to a random batch of ``model.input_shape``.
+    Outputs are compared in eval mode and, for models with BatchNorm, in train mode too (where BN
+    uses batch statistics instead of its running buffers, so both paths are checked).  Train mode is
+    skipped for models with active dropout: its random masks are drawn by position, so a permuted
+    model would drop different units and the comparison would be meaningless.  The model itself is
+    not modified.
+    """
+    modes = tuple(modes)
+    unknown = [m for m in modes if m not in ("eval", "train")]
+    if unknown:
+        raise ValueError(f"unknown modes {unknown}; expected 'eval' and/or 'train'")
+    if spec is None:
+        spec = spec_for(model)
+    state = model.state_dict()
+    try:
+        spec.check_state_dict(state, name="model.state_dict()")
+    except ValueError as e:
+        raise SpecError(f"spec does not fit the model: {e}") from e
+    inputs = _example_input(model, example_input, seed)
+    run_modes = [m for m in modes
+                 if m == "eval" or (_has_batch_statistics(model) and not _has_dropout(model))]
+
+    probe = copy.deepcopy(model)
+
+    def outputs(sd: Mapping[str, torch.Tensor], mode: str) -> list[torch.Tensor]:
+        probe.load_state_dict(sd)  # also resets the running statistics a train-mode pass changes
+        probe.train(mode == "train")
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):  # leave the caller's RNG alone
+            torch.manual_seed(seed)
+            return _tensors(probe(*inputs))
+
+    perm = _nontrivial(random_permutation(spec, seed))
+    for mode in run_modes:
+        reference = outputs(state, mode)
+        diff = _max_diff(reference, outputs(_apply(state, spec.axes, perm), mode))
+        if not diff <= atol:
+            raise _locate(spec, state, perm, reference, lambda sd, m=mode: outputs(sd, m), mode, atol, diff)
+
+
+def _locate(spec: PermutationSpec, state: Mapping[str, torch.Tensor], perm: Mapping[str, torch.Tensor],
+            reference: list[torch.Tensor], outputs: Callable, mode: str, atol: float, diff: float) -> SpecError:
+    """Find where the spec is wrong: a group that breaks the model alone, then a one-axis repair."""
+    order: list[str] = []  # groups by first appearance in state_dict order
+    for key in state:
+        for g in spec.axes[key]:
+            if g is not None and g not in order:
+                order.append(g)
+    culprit, culprit_diff = None, 0.0
+    for g in order:
+        d = _max_diff(reference, outputs(_apply(state, spec.axes, {g: perm[g]})))
+        if not d <= atol:
+            culprit, culprit_diff = g, d
+            break
+    if culprit is None:
+        return SpecError(
+            f"spec is wrong: permuting all groups together changes the output by {diff:.1e} in {mode} mode, "
+            f"but no group alone does; look for groups that should be one (e.g. both sides of a residual "
+            f"connection)", diff=diff)
+    g, size, single = culprit, spec.sizes[culprit], {culprit: perm[culprit]}
+    for key in state:
+        shape = state[key].shape
+        for a, h in enumerate(spec.axes[key]):
+            if h == g:
+                fix, should = None, f"should not be permuted by group {g!r}"
+            elif size > 1 and shape[a] % size == 0:
+                fix = g
+                should = f"should be permuted by group {g!r}" + (f" instead of {h!r}" if h is not None else "")
+            else:
+                continue
+            axes = dict(spec.axes)
+            ax = list(axes[key])
+            ax[a] = fix
+            axes[key] = tuple(ax)
+            if _max_diff(reference, outputs(_apply(state, axes, single))) <= atol:
+                return SpecError(
+                    f"spec is wrong at {key!r}: axis {a} {should} (permuting that group alone changes the "
+                    f"output by {culprit_diff:.1e} in {mode} mode)", key=key, axis=a, group=g, diff=culprit_diff)
+    places = ", ".join(f"{k}[{a}]" for k, a in spec.groups[g])
+    return SpecError(
+        f"spec is wrong for group {g!r}: permuting it alone changes the output by {culprit_diff:.1e} in {mode} "
+        f"mode, and no change on a single axis repairs it. It acts on: {places}", group=g, diff=culprit_diff)

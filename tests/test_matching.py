@@ -1,0 +1,196 @@
+"""Matchers and the public API: hidden permutations are recovered, cycles close, merges are faithful."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import fedmerge
+from fedmerge import apply_permutation, compose_permutations, invert_permutation, random_permutation
+from fedmerge.data import load_dataset
+from fedmerge.models import MLP, SmallCNN, ResNet20
+from fedmerge.training import train
+
+
+
+def _outputs(model: torch.nn.Module, state_dict, x):
+    model.load_state_dict(state_dict)
+    model.eval()
+    with torch.no_grad():
+        return model(x)
+
+
+@pytest.fixture(scope="module")
+def mnist_subset():
+    ds = load_dataset("mnist")
+    return ds.images[:3000], ds.labels[:3000]
+
+
+@pytest.fixture(scope="module")
+def trained_mlp(mnist_subset):
+    """A small MLP really trained on MNIST: its units are distinct, as in the paper's setting."""
+    images, labels = mnist_subset
+    torch.manual_seed(0)
+    model = MLP(widths=(64, 128, 64))
+    train(model, images, labels, epochs=1, batch_size=64, lr=0.05, seed=0, device="cpu")
+    return model
+
+
+def _random_models(make, count, seed=0):
+    out = []
+    for i in range(count):
+        torch.manual_seed(seed + i)
+        out.append(make().state_dict())
+    return out
+
+
+@pytest.mark.parametrize("method", ["git-rebasin", "mergemany", "c2m3"])
+def test_hidden_permutation_is_recovered_exactly(trained_mlp, mnist_subset, method):
+    spec = trained_mlp.permutation_spec()
+    base = {k: v.clone() for k, v in trained_mlp.state_dict().items()}
+    hidden = [random_permutation(spec, 100 + i) for i in range(4)]
+    copies = [base] + [apply_permutation(base, spec, h) for h in hidden]
+    hidden = [fedmerge.identity_permutation(spec)] + hidden
+    merged, result = fedmerge.merge(copies, align=method, spec=spec, full_output=True)
+    for i, j in itertools.permutations(range(len(copies)), 2):
+        expected = compose_permutations(invert_permutation(hidden[i]), hidden[j])
+        got = result.pairwise(i, j)
+        for g in spec.sizes:
+            assert torch.equal(got[g], expected[g]), (method, i, j, g)
+    x = mnist_subset[0][:256]
+    model = MLP(widths=(64, 128, 64))
+    torch.testing.assert_close(_outputs(model, merged, x), _outputs(model, base, x), atol=1e-5, rtol=0)
+    assert result.cycle_error == 0.0
+
+
+@pytest.mark.parametrize("make", [lambda: SmallCNN(channels=(8, 16), hidden=32),
+                                  lambda: ResNet20(width=1, norm="batchnorm")],
+                         ids=["cnn-flatten", "resnet20-bn"])
+def test_c2m3_recovers_permutations_of_conv_nets(make):
+    torch.manual_seed(0)
+    model = make()
+    # non-trivial BatchNorm statistics, so that running buffers must follow their channels
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(16, *model.input_shape) * 2 + 0.5)
+    spec = model.permutation_spec()
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    copies = [apply_permutation(base, spec, random_permutation(spec, s)) for s in range(3)]
+    merged = fedmerge.merge(copies, align="c2m3", spec=spec)
+    x = torch.randn(8, *model.input_shape)
+    torch.testing.assert_close(_outputs(make(), merged, x), _outputs(make(), base, x), atol=1e-5, rtol=0)
+
+
+def test_c2m3_maps_compose_to_identity_around_every_cycle_but_pairwise_git_rebasin_does_not():
+    make = lambda: MLP(widths=(32, 64, 32))  # noqa: E731
+    models = _random_models(make, 5)
+    spec = make().permutation_spec()
+    result = fedmerge.match(models, spec, method="c2m3")
+    for i, j, k in itertools.permutations(range(5), 3):
+        via_j = compose_permutations(result.pairwise(i, j), result.pairwise(j, k))
+        direct = result.pairwise(i, k)
+        for g in spec.sizes:
+            assert torch.equal(via_j[g], direct[g]), (i, j, k, g)
+    assert result.cycle_error == 0.0
+    assert fedmerge.pairwise_cycle_error(models, spec) > 0.05
+
+
+def test_merging_identical_models_returns_the_model():
+    model = ResNet20(width=1, norm="layernorm")
+    sd = model.state_dict()
+    for method in (None, "git-rebasin", "mergemany", "c2m3"):
+        merged = fedmerge.merge([sd, sd, sd], align=method, spec=model.permutation_spec())
+        for k in sd:
+            assert torch.equal(merged[k], sd[k]), (method, k)
+
+
+def test_weights_are_respected(trained_mlp, mnist_subset):
+    spec = trained_mlp.permutation_spec()
+    a = trained_mlp.state_dict()
+    b = _random_models(lambda: MLP(widths=(64, 128, 64)), 1, seed=7)[0]
+    c = _random_models(lambda: MLP(widths=(64, 128, 64)), 1, seed=8)[0]
+    plain = fedmerge.merge([a, b], align=None, weights=[30, 10])
+    for k in a:
+        torch.testing.assert_close(plain[k], 0.75 * a[k] + 0.25 * b[k])
+    x = mnist_subset[0][:128]
+    model = MLP(widths=(64, 128, 64))
+    for method in ("git-rebasin", "mergemany", "c2m3"):
+        merged = fedmerge.merge([b, a, c], align=method, spec=spec, weights=[0, 5, 0])
+        torch.testing.assert_close(_outputs(model, merged, x), _outputs(model, a, x), atol=1e-5, rtol=0)
+
+
+def test_frank_wolfe_objective_increases_and_beats_identity():
+    make = lambda: MLP(widths=(32, 64, 32))  # noqa: E731
+    models = _random_models(make, 4, seed=3)
+    spec = make().permutation_spec()
+    result = fedmerge.match(models, spec, method="c2m3")
+    history = result.history
+    assert len(history) >= 2
+    assert all(b >= a - 1e-6 * abs(a) for a, b in zip(history, history[1:]))
+    identity = fedmerge.match(models, spec, method="identity").objective
+    assert result.objective > identity
+    assert result.objective == pytest.approx(fedmerge.matching_objective(models, spec, result.perms), rel=1e-9)
+    for method in ("git-rebasin", "mergemany"):
+        assert fedmerge.match(models, spec, method=method).objective > identity
+
+
+def test_two_models_use_the_pairwise_objective_with_the_first_model_fixed():
+    make = lambda: MLP(widths=(16, 32))  # noqa: E731
+    models = _random_models(make, 2, seed=11)
+    result = fedmerge.match(models, make().permutation_spec(), method="c2m3")
+    assert fedmerge.permutation.is_identity(result.perms[0])
+    assert not fedmerge.permutation.is_identity(result.perms[1])
+
+
+def test_iteration_cap_and_tolerance_are_honoured():
+    make = lambda: MLP(widths=(32, 64, 32))  # noqa: E731
+    models = _random_models(make, 3, seed=5)
+    spec = make().permutation_spec()
+    capped = fedmerge.match(models, spec, method="c2m3", max_iter=1)
+    assert capped.nit == 1 and not capped.converged and "max_iter" in capped.message
+    loose = fedmerge.match(models, spec, method="c2m3", tol=0.5, patience=1)
+    assert loose.converged and loose.nit < 200
+    mm = fedmerge.match(models, spec, method="mergemany", max_iter=1)
+    assert mm.nit == 1
+
+
+def test_git_rebasin_depends_on_its_seed_only():
+    make = lambda: MLP(widths=(32, 64, 32))  # noqa: E731
+    models = _random_models(make, 2, seed=21)
+    spec = make().permutation_spec()
+    first = fedmerge.match(models, spec, method="git-rebasin", seed=1)
+    again = fedmerge.match(models, spec, method="git-rebasin", seed=1)
+    for g in spec.sizes:
+        assert torch.equal(first.perms[1][g], again.perms[1][g])
+
+
+def test_progress_bar_is_shown_when_asked(capsys):
+    make = lambda: MLP(widths=(8, 16))  # noqa: E731
+    models = _random_models(make, 3)
+    fedmerge.match(models, make().permutation_spec(), method="c2m3", progress=True, max_iter=3)
+    assert "Frank-Wolfe" in capsys.readouterr().err
+
+
+def test_result_reports_diagnostics():
+    make = lambda: MLP(widths=(8, 16))  # noqa: E731
+    models = _random_models(make, 3)
+    result = fedmerge.match(models, model=make(), method="c2m3")
+    for field in ("perms", "objective", "nit", "converged", "success", "cycle_error", "seconds", "message"):
+        assert field in result
+    assert result.seconds > 0 and len(result.perms) == 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_matching_runs_on_gpu_and_with_mixed_devices():
+    make = lambda: MLP(widths=(16, 32))  # noqa: E731
+    models = _random_models(make, 3)
+    spec = make().permutation_spec()
+    on_gpu = [{k: v.cuda() for k, v in sd.items()} for sd in models]
+    merged = fedmerge.merge(on_gpu, align="c2m3", spec=spec)
+    assert all(v.is_cuda for v in merged.values())
+    mixed = [on_gpu[0], models[1], on_gpu[2]]
+    for method in ("git-rebasin", "mergemany", "c2m3"):
+        fedmerge.merge(mixed, align=method, spec=spec)
