@@ -194,3 +194,16 @@ def test_matching_runs_on_gpu_and_with_mixed_devices():
     mixed = [on_gpu[0], models[1], on_gpu[2]]
     for method in ("git-rebasin", "mergemany", "c2m3"):
         fedmerge.merge(mixed, align=method, spec=spec)
+
+
+@pytest.mark.parametrize("count", [2, 4])
+def test_refinement_never_lowers_the_objective_and_keeps_cycles_closed(count):
+    make = lambda: MLP(widths=(32, 64, 32))  # noqa: E731
+    models = _random_models(make, count, seed=40)
+    spec = make().permutation_spec()
+    plain = fedmerge.match(models, spec, method="c2m3", max_iter=5)
+    refined = fedmerge.match(models, spec, method="c2m3", max_iter=5, refine=True)
+    assert refined.objective >= plain.objective - 1e-9 * abs(plain.objective)
+    assert "refined" in refined.message and refined.cycle_error == 0.0
+    if count == 2:
+        assert fedmerge.permutation.is_identity(refined.perms[0])

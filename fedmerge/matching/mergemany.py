@@ -27,11 +27,15 @@ def _float_entries(sd: Mapping[str, torch.Tensor], spec: PermutationSpec) -> dic
 
 def merge_many_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec: PermutationSpec, *,
                         max_iter: int = 100, inner_max_iter: int = 100, seed: int | None = 0,
+                        init: Sequence[Mapping[str, torch.Tensor]] | None = None,
                         progress: bool = False) -> dict:
     """Match ``n >= 2`` models into a common space with MergeMany.
 
     ``max_iter`` caps the sweeps over all models, ``inner_max_iter`` each weight matching.
-    Returns the same fields as :func:`~fedmerge.matching.c2m3.frank_wolfe_matching`.
+    ``init`` (one permutation per model) starts from a given alignment instead of the models as
+    they are; every step still increases the C²M³ objective, so this polishes another matcher's
+    result (C²M³'s ``refine`` option).  Returns the same fields as
+    :func:`~fedmerge.matching.c2m3.frank_wolfe_matching`.
     """
     n = len(state_dicts)
     if n < 2:
@@ -41,8 +45,14 @@ def merge_many_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec:
     rng = np.random.default_rng(seed)
     originals = [_float_entries(sd, spec) for sd in state_dicts]
     device = next(iter(originals[0].values())).device
-    perms = [identity_permutation(spec, device) for _ in range(n)]
-    aligned = [dict(o) for o in originals]
+    if init is None:
+        perms = [identity_permutation(spec, device) for _ in range(n)]
+        aligned = [dict(o) for o in originals]
+    else:
+        if len(init) != n:
+            raise ValueError(f"init has {len(init)} permutations for {n} models")
+        perms = [{g: p.to(device) for g, p in q.items()} for q in init]
+        aligned = [apply_permutation(o, spec, q) for o, q in zip(originals, perms)]
     total = {k: torch.stack([a[k] for a in aligned]).sum(0) for k in originals[0]}
     history = []
     bar = None

@@ -1,0 +1,1 @@
+"""Benchmarks of fedmerge's matching speed and merge quality (see BENCHMARKS.md)."""

@@ -1,0 +1,192 @@
+"""Benchmark (a): how fast fedmerge matches n models, and how well.
+
+For n in ``--sizes`` (default 2, 5, 20) MLPs 784-256-512-512-256-10 (trained on MNIST by
+default, or seeded random inits with ``--models random``) and for 5 ResNet-20-2× with LayerNorm
+(3x32x32 input, 10 classes; *random init*, since CIFAR-10 is not available offline), run
+``fedmerge.match(..., method=...)`` and report wall seconds, iterations (``nit``: Frank-Wolfe steps
+for C²M³, sweeps for MergeMany, the most coordinate-descent sweeps of one weight matching for
+Git Re-Basin), ``converged``, the Eq. 4 ``objective`` (higher = better aligned; comparable across
+methods on the same models) and ``cycle_error``.  ``--methods pairwise`` adds plain pairwise
+Git Re-Basin (n(n-1)/2 matchings, :func:`fedmerge.pairwise_cycle_error`) for its cycle error.
+
+Run from the repository root::
+
+    python -m simulations.benchmarks.matching_speed --threads 1 --out matching_speed.json
+    python simulations/benchmarks/matching_speed.py --methods c2m3,mergemany,git-rebasin
+
+It prints the environment (exact command, torch version, threads, CPU) and a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+if __package__ in (None, ""):  # run as a script: make `simulations` importable from the repo root
+    _root = str(Path(__file__).resolve().parents[2])
+    if _root not in sys.path:
+        sys.path.insert(0, _root)
+
+import torch
+
+import fedmerge
+from fedmerge.models import MLP, ResNet20
+from simulations.benchmarks.common import (PAPER_WIDTHS, ensure_stdout_utf8, environment, format_environment,
+                                           int_at_least, markdown_table, mlp_name, parse_choice_list,
+                                           parse_int_list, positive_float, positive_int, random_models,
+                                           set_threads, torch_device, trained_mlps, warmup,
+                                           write_json)
+
+MODULE = "simulations.benchmarks.matching_speed"
+METHODS = ("c2m3", "mergemany", "git-rebasin", "pairwise")
+METHOD_LABELS = {"c2m3": "C²M³", "mergemany": "MergeMany", "git-rebasin": "Git Re-Basin (to model 0)",
+                 "pairwise": "pairwise Git Re-Basin"}
+RESNET_NOTE = ("ResNet-20 models are random initialisations (CIFAR-10 is not available offline): their rows "
+               "measure matching cost on real ResNet shapes, not the alignment of trained networks.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=f"python -m {MODULE}", usage="%(prog)s [options]",
+        description="Benchmark (a): wall time, iterations, objective and cycle error of fedmerge.match.")
+    p.add_argument("--sizes", type=lambda s: parse_int_list(s, minimum=2), default=[2, 5, 20],
+                   help="numbers of MLPs to match, comma-separated (default: 2,5,20)")
+    p.add_argument("--methods", type=parse_choice_list(METHODS), default=["c2m3"],
+                   help=f"comma-separated subset of {','.join(METHODS)} (default: c2m3); "
+                        "'pairwise' = independent pairwise Git Re-Basin, for its cycle error")
+    p.add_argument("--models", choices=("trained", "random"), default="trained",
+                   help="MLPs trained on MNIST (cached, see --cache-dir) or seeded random inits (default: trained)")
+    p.add_argument("--epochs", type=positive_int, default=3, help="training epochs of the trained MLPs (default: 3)")
+    p.add_argument("--widths", type=lambda s: parse_int_list(s, minimum=1), default=list(PAPER_WIDTHS),
+                   help="MLP hidden widths (default: 256,512,512,256, the paper's)")
+    p.add_argument("--resnet", action=argparse.BooleanOptionalAction, default=True,
+                   help="also match ResNet-20 models (random init; default: on)")
+    p.add_argument("--resnet-count", type=int_at_least(2), default=5,
+                   help="how many ResNet-20 models (default: 5)")
+    p.add_argument("--resnet-width", type=positive_float, default=2.0, help="ResNet-20 width multiplier (default: 2)")
+    p.add_argument("--max-iter", type=positive_int, default=None,
+                   help="iteration cap passed to every method as max_iter (C²M³: Frank-Wolfe steps, default 200; "
+                        "MergeMany: sweeps, default 100; Git Re-Basin: coordinate-descent sweeps, default 100)")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="torch.set_num_threads (default: torch's default)")
+    p.add_argument("--device", type=torch_device, default="cpu", help="device the matching runs on (default: cpu)")
+    p.add_argument("--cache-dir", default=None,
+                   help="root of the model cache (default: $FEDMERGE_CACHE or ~/.cache/fedmerge); "
+                        "models go to <root>/bench")
+    p.add_argument("--out", default=None, help="write all results as JSON to this file")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="tqdm progress bars on stderr (default: on)")
+    return p
+
+
+def run_method(method: str, state_dicts: list, spec: fedmerge.PermutationSpec, *, max_iter: int | None,
+               progress: bool) -> dict[str, Any]:
+    """One timed matching; returns the fields of a results row."""
+    n = len(state_dicts)
+    options = {} if max_iter is None else {"max_iter": max_iter}
+    if method == "pairwise":
+        start = time.perf_counter()
+        err = fedmerge.pairwise_cycle_error(state_dicts, spec, **options)
+        seconds = time.perf_counter() - start
+        return {"seconds": seconds, "nit": None, "converged": None, "objective": None, "cycle_error": err,
+                "message": f"{n * (n - 1) // 2} independent pairwise weight matchings"}
+    res = fedmerge.match(state_dicts, spec, method=method, progress=progress, **options)
+    return {"seconds": float(res.seconds), "nit": int(res.nit), "converged": bool(res.converged),
+            "objective": float(res.objective), "cycle_error": float(res.cycle_error), "message": str(res.message)}
+
+
+def _bench_group(label: str, kind: str, state_dicts: list, spec, sizes: Sequence[int], args) -> list[dict]:
+    rows = []
+    for n in sizes:
+        models = state_dicts[:n]
+        for method in args.methods:
+            if method == "pairwise" and n < 3:
+                continue  # a cycle needs three models
+            out = run_method(method, models, spec, max_iter=args.max_iter, progress=args.progress)
+            row = {"models": label, "kind": kind, "n": n, "method": method,
+                   "method_label": METHOD_LABELS[method], **out}
+            rows.append(row)
+            print(f"  {label}, n={n}, {METHOD_LABELS[method]}: {out['seconds']:.2f} s, nit={out['nit']}, "
+                  f"objective={out['objective']}, cycle_error={out['cycle_error']}", file=sys.stderr, flush=True)
+        ref = next((r["objective"] for r in rows if r["n"] == n and r["method"] == "c2m3"), None)
+        for r in rows:
+            if r["n"] == n and r["objective"] is not None and ref:
+                r["objective_vs_c2m3"] = r["objective"] / ref
+    return rows
+
+
+def _display(row: dict) -> dict:
+    def fmt(value, spec):
+        return None if value is None else format(value, spec)
+    return {
+        "models": row["models"], "n": row["n"], "method": row["method_label"],
+        "seconds": fmt(row["seconds"], ".3f"), "nit": row["nit"], "converged": row["converged"],
+        "objective": fmt(row["objective"], ".6g"), "obj_ratio": fmt(row.get("objective_vs_c2m3"), ".4f"),
+        "cycle_error": fmt(row["cycle_error"], ".3g"),
+    }
+
+
+COLUMNS = [("models", "models"), ("n", "n"), ("method", "method"), ("seconds", "wall s"),
+           ("nit", "iterations (nit)"), ("converged", "converged"), ("objective", "objective (Eq. 4)"),
+           ("obj_ratio", "objective / C²M³"), ("cycle_error", "cycle error")]
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    ensure_stdout_utf8()
+    set_threads(args.threads)
+    env = environment(MODULE, argv)
+    device = torch.device(args.device)
+    widths = tuple(args.widths)
+    name = mlp_name(widths)
+    notes = []
+
+    rows: list[dict] = []
+    warmup(args.methods, args.device)
+    count = max(args.sizes)
+    if args.models == "trained":
+        mlps = trained_mlps(count, epochs=args.epochs, cache_dir=args.cache_dir, progress=args.progress,
+                            widths=widths)
+        label = f"MLP {name[4:]} (MNIST, {args.epochs} ep)"
+    else:
+        mlps = random_models(lambda: MLP((1, 28, 28), 10, widths=widths), count)
+        label = f"MLP {name[4:]} (random init)"
+        notes.append("MLPs are seeded random initialisations (--models random), not trained models.")
+    mlps = [{k: v.to(device) for k, v in sd.items()} for sd in mlps]
+    mlp_spec = MLP((1, 28, 28), 10, widths=widths).permutation_spec()
+    rows += _bench_group(label, "mlp", mlps, mlp_spec, sorted(args.sizes), args)
+    del mlps
+
+    if args.resnet:
+        make = lambda: ResNet20((3, 32, 32), 10, width=args.resnet_width, norm="layernorm")  # noqa: E731
+        resnets = [{k: v.to(device) for k, v in sd.items()} for sd in random_models(make, args.resnet_count)]
+        width = f"{args.resnet_width:g}×"
+        rows += _bench_group(f"ResNet-20-{width} LN (random init)", "resnet20", resnets, make().permutation_spec(),
+                             [args.resnet_count], args)
+        notes.append(RESNET_NOTE)
+
+    columns = COLUMNS if "c2m3" in args.methods and len(args.methods) > 1 else \
+        [c for c in COLUMNS if c[0] != "obj_ratio"]
+    table = markdown_table([_display(r) for r in rows], columns)
+    print()
+    print(format_environment(env))
+    print()
+    print(table)
+    if notes:
+        print()
+        for note in notes:
+            print(f"Note: {note}")
+    result = {"benchmark": "matching_speed", "environment": env, "config": vars(args), "notes": notes,
+              "results": rows, "table": table}
+    if args.out:
+        path = write_json(args.out, result)
+        print(f"\nwrote {path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Smoke tests of the benchmark scripts in simulations/benchmarks, in-process with tiny settings."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `simulations` is not installed: import it from the repository root
+    sys.path.insert(0, str(ROOT))
+
+from simulations.benchmarks import common, matching_speed, merge_quality  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _keep_thread_count():
+    """The scripts call torch.set_num_threads; give other tests their thread count back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def _check_environment(env: dict) -> None:
+    assert env["command"].startswith("python -m simulations.benchmarks.")
+    assert env["torch"] == torch.__version__ and env["threads"] == 1 and env["cpu"]
+
+
+def test_matching_speed_smoke(tmp_path, capsys):
+    out = tmp_path / "speed.json"
+    result = matching_speed.main([
+        "--sizes", "2,3", "--models", "random", "--widths", "16,16", "--resnet-count", "2", "--resnet-width", "0.25",
+        "--methods", "c2m3,mergemany,git-rebasin,pairwise", "--max-iter", "10", "--threads", "1", "--no-progress",
+        "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data["benchmark"] == "matching_speed" and data["results"] == json.loads(json.dumps(result["results"]))
+    _check_environment(data["environment"])
+    rows = data["results"]
+    # n=2: three methods (pairwise needs a 3-cycle); n=3: four; 2 ResNets: three
+    assert [(r["kind"], r["n"], r["method"]) for r in rows] == [
+        ("mlp", 2, "c2m3"), ("mlp", 2, "mergemany"), ("mlp", 2, "git-rebasin"),
+        ("mlp", 3, "c2m3"), ("mlp", 3, "mergemany"), ("mlp", 3, "git-rebasin"), ("mlp", 3, "pairwise"),
+        ("resnet20", 2, "c2m3"), ("resnet20", 2, "mergemany"), ("resnet20", 2, "git-rebasin")]
+    for r in rows:
+        assert r["seconds"] > 0 and 0.0 <= r["cycle_error"] <= 1.0
+        if r["method"] == "pairwise":
+            assert r["objective"] is None and r["nit"] is None
+        else:
+            assert math.isfinite(r["objective"]) and 1 <= r["nit"] <= 10 and isinstance(r["converged"], bool)
+            assert r["cycle_error"] == 0.0  # maps through a common space are cycle-consistent
+    assert any("CIFAR-10" in note for note in data["notes"])
+    printed = capsys.readouterr().out
+    assert "| models" in printed and "C²M³" in printed and "command: python -m" in printed
+
+
+def test_merge_quality_smoke_and_cache(tmp_path, capsys):
+    out = tmp_path / "quality.json"
+    argv = ["--smoke", "--cache-dir", str(tmp_path / "cache"), "--threads", "1", "--no-progress", "--out", str(out)]
+    result = merge_quality.main(argv)
+    assert "trained mlp-784-32-10 seed 1" in capsys.readouterr().out
+    cached = sorted(p.name for p in (tmp_path / "cache" / "bench").iterdir())
+    assert cached == ["mlp-784-32-10-e1-n500-seed0.pt", "mlp-784-32-10-e1-n500-seed1.pt"]
+
+    data = json.loads(out.read_text())
+    assert data["benchmark"] == "merge_quality"
+    _check_environment(data["environment"])
+    ends = data["endpoints"]
+    assert ends["count"] == 2 and len(ends["per_model"]) == 2
+    assert 0.0 <= ends["accuracy"]["min"] <= ends["accuracy"]["mean"] <= ends["accuracy"]["max"] <= 1.0
+    assert ends["accuracy"]["max"] > 0.2  # beats chance even after 4 SGD steps
+    rows = data["results"]
+    assert [(r["n"], r["method"]) for r in rows] == [
+        (2, "endpoints"), (2, "mean"), (2, "mergemany"), (2, "c2m3"), (2, "git-rebasin")]
+    for r in rows:
+        assert 0.0 <= r["accuracy"] <= 1.0 and r["loss"] > 0 and r["paper"] is None
+        if r["kind"] == "merge":
+            assert r["seconds"] > 0 and r["cycle_error"] == 0.0
+    assert rows[1]["objective"] is None  # the plain mean has no matching objective (NaN -> null)
+
+    # second run: every model comes from the cache, with identical results
+    again = merge_quality.main(argv)
+    assert "trained mlp" not in capsys.readouterr().out
+    assert [r["accuracy"] for r in again["results"]] == [r["accuracy"] for r in result["results"]]
+
+
+def test_cache_path_and_helpers(tmp_path):
+    path = common.mlp_cache_path(7, epochs=3, cache_dir=tmp_path)
+    assert path == tmp_path / "bench" / "mlp-784-256-512-512-256-10-e3-seed7.pt"
+    table = common.markdown_table([{"a": 1.5, "b": None}, {"a": float("nan"), "b": True}], ["a", ("b", "B")])
+    assert table.splitlines() == ["| a   | B   |", "|-----|-----|", "| 1.5 | —   |", "| —   | yes |"]
+    written = common.write_json(tmp_path / "x" / "r.json", {"v": float("nan"), "t": torch.tensor([1, 2])})
+    assert json.loads(written.read_text()) == {"v": None, "t": [1, 2]}
+    models = common.random_models(lambda: torch.nn.Linear(3, 2), 2)
+    assert not torch.equal(models[0]["weight"], models[1]["weight"])
+    assert torch.equal(models[0]["weight"], common.random_models(lambda: torch.nn.Linear(3, 2), 1)[0]["weight"])
+
+
+@pytest.mark.parametrize("module, argv", [
+    (matching_speed, ["--sizes", "1"]),
+    (matching_speed, ["--methods", "c2m3,nope"]),
+    (matching_speed, ["--models", "pretrained"]),
+    (merge_quality, ["--sizes", "5", "--count", "3"]),
+    (merge_quality, ["--epochs", "0"]),
+])
+def test_bad_cli_input_exits_with_usage_error(module, argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        module.main(argv)
+    assert info.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_script_mode_finds_the_repository(tmp_path):
+    """`python simulations/benchmarks/matching_speed.py` works from any directory."""
+    script = ROOT / "simulations" / "benchmarks" / "matching_speed.py"
+    done = subprocess.run([sys.executable, str(script), "--help"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "--sizes" in done.stdout
