@@ -37,6 +37,19 @@ class SpecError(ValueError):
         self.key, self.axis, self.group, self.diff = key, axis, group, diff
 
 
+def _without_constant_entries(state: Mapping[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """Replace floating-point entries whose values are all equal by distinct values of the same sign."""
+    g = torch.Generator().manual_seed(seed + 1)
+    out = {}
+    for key, t in state.items():
+        if t.is_floating_point() and t.numel() > 1 and bool((t == t.reshape(-1)[0]).all()):
+            c = float(t.reshape(-1)[0])
+            noise = torch.rand(t.shape, generator=g, dtype=torch.float64)
+            t = (c * (0.5 + noise) if c != 0 else 0.1 * (noise - 0.5)).to(dtype=t.dtype, device=t.device)
+        out[key] = t
+    return out
+
+
 def _example_input(model: nn.Module, example_input: Any, seed: int, batch: int = 4) -> tuple:
     if example_input is not None:
         return tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
@@ -110,6 +123,12 @@ def check_spec(model: nn.Module, spec: PermutationSpec | None = None, example_in
     skipped for models with active dropout: its random masks are drawn by position, so a permuted
     model would drop different units and the comparison would be meaningless.  The model itself is
     not modified.
+
+    Entries whose values are all equal — a fresh model's zero biases, unit norm scales, and
+    BatchNorm's initial running statistics — would hide a wrong spec, since permuting them changes
+    nothing.  The check therefore runs on a copy of the weights where such entries are jittered
+    (positive values stay positive), so a fresh, untrained model is checked as thoroughly as a
+    trained one.
     """
     modes = tuple(modes)
     unknown = [m for m in modes if m not in ("eval", "train")]
@@ -117,7 +136,7 @@ def check_spec(model: nn.Module, spec: PermutationSpec | None = None, example_in
         raise ValueError(f"unknown modes {unknown}; expected 'eval' and/or 'train'")
     if spec is None:
         spec = spec_for(model)
-    state = model.state_dict()
+    state = _without_constant_entries(model.state_dict(), seed)
     try:
         spec.check_state_dict(state, name="model.state_dict()")
     except ValueError as e:

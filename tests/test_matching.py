@@ -98,6 +98,13 @@ def test_c2m3_maps_compose_to_identity_around_every_cycle_but_pairwise_git_rebas
     assert fedmerge.pairwise_cycle_error(models, spec) > 0.05
 
 
+def test_pairwise_cycle_error_is_zero_for_permuted_copies(trained_mlp):
+    spec = trained_mlp.permutation_spec()
+    base = trained_mlp.state_dict()
+    copies = [apply_permutation(base, spec, random_permutation(spec, s)) for s in range(4)]
+    assert fedmerge.pairwise_cycle_error(copies, spec) == 0.0
+
+
 def test_merging_identical_models_returns_the_model():
     model = ResNet20(width=1, norm="layernorm")
     sd = model.state_dict()
@@ -204,6 +211,23 @@ def test_refinement_never_lowers_the_objective_and_keeps_cycles_closed(count):
     plain = fedmerge.match(models, spec, method="c2m3", max_iter=5)
     refined = fedmerge.match(models, spec, method="c2m3", max_iter=5, refine=True)
     assert refined.objective >= plain.objective - 1e-9 * abs(plain.objective)
-    assert "refined" in refined.message and refined.cycle_error == 0.0
+    assert "MergeMany refinement" in refined.message and refined.cycle_error == 0.0
     if count == 2:
         assert fedmerge.permutation.is_identity(refined.perms[0])
+
+
+def test_sparse_and_dense_soft_permutations_agree():
+    from fedmerge.matching._stack import SoftPermutation
+    gen = torch.Generator().manual_seed(0)
+    n, d = 3, 128  # two non-zeros per column: under the sparse threshold
+    eye = torch.eye(d)
+    perms = [eye[torch.randperm(d, generator=gen)] for _ in range(2 * n)]
+    mats = torch.stack([0.7 * perms[2 * i] + 0.3 * perms[2 * i + 1] for i in range(n)])
+    sparse = SoftPermutation(mats)
+    assert sparse.sparse is not None
+    dense = SoftPermutation(mats)
+    dense.sparse = None
+    t = torch.randn(n, 5, d * 4, 3, generator=gen)  # a block-permuted (flattened) axis of length 4d
+    torch.testing.assert_close(sparse.apply(t, 1), dense.apply(t, 1), atol=1e-6, rtol=1e-6)
+    t = torch.randn(n, d, 7, generator=gen)
+    torch.testing.assert_close(sparse.apply(t, 0), dense.apply(t, 0), atol=1e-6, rtol=1e-6)

@@ -247,6 +247,18 @@ def test_unpermuted_running_var_is_named():
     assert (e.value.key, e.value.group) == ("features.1.running_var", "features.0")
 
 
+def test_fresh_model_with_constant_entries_is_checked_too():
+    # a fresh ResNet has zero running means, unit running variances and unit norm scales: permuting
+    # them changes nothing, so the check must not rely on their values to catch a wrong spec
+    model = resnet20(norm="batchnorm")
+    spec = broken(model.permutation_spec(), "norm1.running_var", (None,))
+    with pytest.raises(SpecError, match=r"'norm1\.running_var'"):
+        check_spec(model, spec)
+    spec = broken(model.permutation_spec(), "stage1.0.norm1.weight", (None,))
+    with pytest.raises(SpecError, match=r"'stage1\.0\.norm1\.weight'"):
+        check_spec(model, spec)
+
+
 def test_unpermuted_shortcut_running_mean_is_named():
     model = prepare(resnet20(norm="batchnorm"))
     spec = broken(model.permutation_spec(), "stage2.0.shortcut.1.running_mean", (None,))

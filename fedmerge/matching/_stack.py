@@ -36,10 +36,39 @@ def unmatricize(m: torch.Tensor, axis: int, moved_shape: torch.Size) -> torch.Te
     return m.reshape(moved_shape).movedim(1, axis + 1)
 
 
-def contract_soft(t: torch.Tensor, axis: int, p: torch.Tensor) -> torch.Tensor:
-    """Map axis ``axis`` of every model into the universe with soft matrices ``p`` (``(n, d, d)``)."""
-    m, shape = matricize(t, axis, p.shape[-1])
-    return unmatricize(torch.bmm(p.transpose(1, 2), m), axis, shape)
+#: Below this fraction of non-zero entries a soft permutation is applied as a sparse gather-add.
+SPARSE_DENSITY = 0.02
+
+
+class SoftPermutation:
+    """Doubly-stochastic matrices ``(n, d, d)``, applied sparsely while they are nearly permutations.
+
+    Frank-Wolfe iterates are convex combinations of a few permutation matrices, and in practice
+    stay close to one: measured on 20 MNIST MLPs, 1.0-1.2 non-zeros per column after 5-60
+    iterations.  ``P^T M`` then costs a gather-add over the non-zeros instead of a dense product.
+    """
+
+    def __init__(self, matrix: torch.Tensor):
+        self.matrix = matrix
+        n, d, _ = matrix.shape
+        self.sparse = None
+        if d > 1:
+            nz = matrix.nonzero(as_tuple=True)
+            if nz[0].numel() <= SPARSE_DENSITY * matrix.numel():
+                model, src, dst = nz
+                self.sparse = (model * d + dst, model * d + src, matrix[nz].unsqueeze(1))
+
+    def apply(self, t: torch.Tensor, axis: int) -> torch.Tensor:
+        """Map axis ``axis`` of every model into the universe: ``P^T @ M`` along that axis."""
+        n, d, _ = self.matrix.shape
+        m, shape = matricize(t, axis, d)
+        if self.sparse is None:
+            out = torch.bmm(self.matrix.transpose(1, 2), m)
+        else:
+            dst, src, val = self.sparse
+            flat = m.reshape(n * d, -1)
+            out = torch.zeros_like(flat).index_add_(0, dst, flat[src] * val).view(n, d, -1)
+        return unmatricize(out, axis, shape)
 
 
 def contract_hard(t: torch.Tensor, axis: int, perm: torch.Tensor) -> torch.Tensor:

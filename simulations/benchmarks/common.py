@@ -22,11 +22,20 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 __all__ = [
-    "PAPER_WIDTHS", "bench_cache_dir", "cpu_model", "ensure_stdout_utf8", "environment", "format_environment",
+    "METHOD_VARIANTS", "finish", "PAPER_WIDTHS", "method_call", "bench_cache_dir", "cpu_model", "ensure_stdout_utf8", "environment", "format_environment",
     "int_at_least", "markdown_table", "mlp_cache_path", "mlp_name", "parse_choice_list", "parse_int_list",
     "positive_float", "positive_int", "random_models", "set_threads", "torch_device", "trained_mlps", "warmup",
     "write_json",
 ]
+
+#: Benchmark method names that are fedmerge methods with extra options.
+METHOD_VARIANTS: dict[str, tuple[str, dict]] = {"c2m3+refine": ("c2m3", {"refine": True})}
+
+
+def method_call(method: str) -> tuple[str, dict]:
+    """``"c2m3+refine"`` -> ``("c2m3", {"refine": True})``; a plain method name maps to itself."""
+    return METHOD_VARIANTS.get(method, (method, {}))
+
 
 #: Hidden widths of the paper's MNIST MLP (784-256-512-512-256-10).
 PAPER_WIDTHS: tuple[int, ...] = (256, 512, 512, 256)
@@ -60,12 +69,13 @@ def mlp_cache_path(seed: int, *, epochs: int, widths: Sequence[int] = PAPER_WIDT
     return bench_cache_dir(cache_dir) / f"{mlp_name(widths)}-e{int(epochs)}{subset}-seed{int(seed)}.pt"
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
+def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
+    """Write through a temporary file and rename, so an interrupted run never leaves a torn file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            write(f)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -73,6 +83,10 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    _atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def trained_mlps(count: int, *, epochs: int = 3, cache_dir: str | os.PathLike | None = None,
@@ -162,7 +176,8 @@ def warmup(methods: Sequence[str], device: str | torch.device = "cpu") -> None:
         if method == "pairwise":
             fedmerge.pairwise_cycle_error(sds, spec, max_iter=2)
         elif method not in ("mean", "identity"):
-            fedmerge.merge(sds, align=method, spec=spec, max_iter=2)
+            name, extra = method_call(method)
+            fedmerge.merge(sds, align=name, spec=spec, max_iter=2, **extra)
 
 
 # --------------------------------------------------------------------------- output
@@ -215,22 +230,26 @@ def _jsonable(obj: Any) -> Any:
     return str(obj)
 
 
+def finish(result: dict, notes: Sequence[str], out: str | os.PathLike | None) -> dict:
+    """Print the notes, write ``result`` to ``out`` (if given) and return it: the end of every benchmark."""
+    if notes:
+        print()
+        for note in notes:
+            print(f"Note: {note}")
+    if out:
+        print(f"\nwrote {write_json(out, result)}")
+    return result
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Write ``obj`` as indented strict JSON (NaN/inf become null), atomically; returns the path."""
     path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(_jsonable(obj), f, indent=2, ensure_ascii=False, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+
+    def dump(f) -> None:
+        json.dump(_jsonable(obj), f, indent=2, ensure_ascii=False, allow_nan=False)
+        f.write("\n")
+
+    _atomic_write(path, dump, "w")
     return path
 
 

@@ -34,15 +34,14 @@ import torch
 
 import fedmerge
 from fedmerge.models import MLP, ResNet20
-from simulations.benchmarks.common import (PAPER_WIDTHS, ensure_stdout_utf8, environment, format_environment,
+from simulations.benchmarks.common import (PAPER_WIDTHS, finish, method_call, ensure_stdout_utf8, environment, format_environment,
                                            int_at_least, markdown_table, mlp_name, parse_choice_list,
                                            parse_int_list, positive_float, positive_int, random_models,
-                                           set_threads, torch_device, trained_mlps, warmup,
-                                           write_json)
+                                           set_threads, torch_device, trained_mlps, warmup)
 
 MODULE = "simulations.benchmarks.matching_speed"
-METHODS = ("c2m3", "mergemany", "git-rebasin", "pairwise")
-METHOD_LABELS = {"c2m3": "C²M³", "mergemany": "MergeMany", "git-rebasin": "Git Re-Basin (to model 0)",
+METHODS = ("c2m3", "c2m3+refine", "mergemany", "git-rebasin", "pairwise")
+METHOD_LABELS = {"c2m3": "C²M³", "c2m3+refine": "C²M³ + MergeMany refinement", "mergemany": "MergeMany", "git-rebasin": "Git Re-Basin (to model 0)",
                  "pairwise": "pairwise Git Re-Basin"}
 RESNET_NOTE = ("ResNet-20 models are random initialisations (CIFAR-10 is not available offline): their rows "
                "measure matching cost on real ResNet shapes, not the alignment of trained networks.")
@@ -93,7 +92,8 @@ def run_method(method: str, state_dicts: list, spec: fedmerge.PermutationSpec, *
         seconds = time.perf_counter() - start
         return {"seconds": seconds, "nit": None, "converged": None, "objective": None, "cycle_error": err,
                 "message": f"{n * (n - 1) // 2} independent pairwise weight matchings"}
-    res = fedmerge.match(state_dicts, spec, method=method, progress=progress, **options)
+    name, extra = method_call(method)
+    res = fedmerge.match(state_dicts, spec, method=name, progress=progress, **options, **extra)
     return {"seconds": float(res.seconds), "nit": int(res.nit), "converged": bool(res.converged),
             "objective": float(res.objective), "cycle_error": float(res.cycle_error), "message": str(res.message)}
 
@@ -176,16 +176,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(format_environment(env))
     print()
     print(table)
-    if notes:
-        print()
-        for note in notes:
-            print(f"Note: {note}")
     result = {"benchmark": "matching_speed", "environment": env, "config": vars(args), "notes": notes,
               "results": rows, "table": table}
-    if args.out:
-        path = write_json(args.out, result)
-        print(f"\nwrote {path}")
-    return result
+    return finish(result, notes, args.out)
 
 
 if __name__ == "__main__":

@@ -33,13 +33,15 @@ import fedmerge
 from fedmerge.data import load_dataset
 from fedmerge.models import MLP
 from fedmerge.training import evaluate
-from simulations.benchmarks.common import (PAPER_WIDTHS, ensure_stdout_utf8, environment, format_environment,
+from simulations.benchmarks.common import (PAPER_WIDTHS, finish, method_call, ensure_stdout_utf8, environment, format_environment,
                                            markdown_table, mlp_name, parse_choice_list, parse_int_list,
-                                           positive_int, set_threads, torch_device, trained_mlps, warmup, write_json)
+                                           positive_int, set_threads, torch_device, trained_mlps, warmup)
 
 MODULE = "simulations.benchmarks.merge_quality"
-METHODS = ("mean", "mergemany", "c2m3", "git-rebasin")
+METHODS = ("mean", "mergemany", "c2m3", "git-rebasin", "c2m3+refine")
+DEFAULT_METHODS = ("mean", "mergemany", "c2m3", "git-rebasin")
 METHOD_LABELS = {"mean": "mean (no alignment)", "mergemany": "MergeMany", "c2m3": "C²M³",
+                 "c2m3+refine": "C²M³ + MergeMany refinement",
                  "git-rebasin": "Git Re-Basin (to model 0)"}
 
 #: Reference numbers of the C²M³ paper (Crisostomi et al., NeurIPS 2024) for MLPs on MNIST,
@@ -60,8 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Benchmark (b): test accuracy/loss of MLPs merged by mean, MergeMany, C²M³, Git Re-Basin.")
     p.add_argument("--sizes", type=lambda s: parse_int_list(s, minimum=2), default=[5, 20],
                    help="numbers of models to merge (the first n), comma-separated (default: 5,20)")
-    p.add_argument("--methods", type=parse_choice_list(METHODS), default=list(METHODS),
-                   help=f"comma-separated subset of {','.join(METHODS)} (default: all)")
+    p.add_argument("--methods", type=parse_choice_list(METHODS), default=list(DEFAULT_METHODS),
+                   help=f"comma-separated subset of {','.join(METHODS)} (default: {','.join(DEFAULT_METHODS)})")
     p.add_argument("--epochs", type=positive_int, default=3, help="training epochs per model (default: 3)")
     p.add_argument("--count", type=positive_int, default=None,
                    help="how many endpoints to train and report (default: max(20, largest size))")
@@ -149,8 +151,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                      "loss": statistics.fmean(e["loss"] for e in first), "seconds": None,
                      "paper": None})
         for method in args.methods:
-            align = None if method == "mean" else method
-            extra = {} if align is None else {**options, "progress": args.progress}
+            align, variant = (None, {}) if method == "mean" else method_call(method)
+            extra = {} if align is None else {**options, **variant, "progress": args.progress}
             start = time.perf_counter()
             merged, info = fedmerge.merge(models[:n], align=align, spec=spec, full_output=True, **extra)
             seconds = time.perf_counter() - start
@@ -188,17 +190,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(table)
     if paper_setting:
         notes.append(f"paper column: {PAPER_SOURCE}")
-    if notes:
-        print()
-        for note in notes:
-            print(f"Note: {note}")
     result = {"benchmark": "merge_quality", "environment": env, "config": vars(args), "notes": notes,
               "endpoints": {**endpoint_summary, "per_model": endpoints}, "results": rows,
               "tables": {"endpoints": endpoint_table, "merges": table}}
-    if args.out:
-        path = write_json(args.out, result)
-        print(f"\nwrote {path}")
-    return result
+    return finish(result, notes, args.out)
 
 
 if __name__ == "__main__":
