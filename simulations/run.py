@@ -1,0 +1,354 @@
+"""Run a federated-learning simulation through Flower's Simulation Engine (Ray backend).
+
+Example (from the repository root)::
+
+    python simulations/run.py --strategy fedavg --clients 20
+    python simulations/run.py --strategy fedavg --clients 50 --partition dirichlet --alpha 0.3 \\
+        --rounds 10 --model cnn --out runs/fedavg-dirichlet
+
+The ServerApp (``simulations/server_app.py``) and ClientApp (``simulations/client_app.py``) are
+started with ``flwr.simulation.run_simulation``: each simulated client runs in a Ray actor with
+``--cpus-per-client``/``--gpus-per-client`` resources.  The whole configuration reaches the
+ServerApp through the environment variable ``FEDMERGE_SIM_CONFIG`` (JSON) and the clients through
+the ConfigRecord of every message.  Outputs land in ``--out`` (``results.json``, ``tensorboard/``,
+``checkpoints/round-{r}.pt``); a table of the rounds is printed at the end.
+
+Bad input exits with status 2 and a one-line message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `simulations` is not installed; Ray workers inherit this via PYTHONPATH
+    sys.path.insert(0, str(ROOT))
+
+from fedmerge.data import DATASETS  # noqa: E402
+from fedmerge.models import MODELS  # noqa: E402
+from fedmerge.partition import PARTITIONS  # noqa: E402
+from simulations.client_app import CLIENT_EVAL_MODES, INIT_MODES  # noqa: E402
+from simulations.server_app import CONFIG_ENV, STRATEGIES  # noqa: E402
+
+__all__ = ["build_parser", "main", "format_table"]
+
+RUN_SIMULATION_NOTE = (
+    "note: this script calls flwr.simulation.run_simulation on purpose (one command, plain CLI "
+    "flags, no SuperLink); Flower marks it deprecated in favour of `flwr run .`, which is the "
+    "alternative once the app is declared in pyproject.toml. Its deprecation warning is hidden."
+)
+
+
+class _HideRunSimulationDeprecation(logging.Filter):
+    """Drop Flower's 'run_simulation is deprecated' warning; we print RUN_SIMULATION_NOTE instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            text = record.getMessage()
+        except Exception:  # pragma: no cover - a malformed record is not ours to judge
+            return True
+        return not ("DEPRECATED FEATURE" in text and "run_simulation" in text)
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _float_in(low: float, high: float, *, low_open: bool = False, high_open: bool = False):
+    lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number in {lo}{low}, {high}{hi}, got {text!r}") from None
+        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+        if not ok or value != value:
+            raise argparse.ArgumentTypeError(f"expected a number in {lo}{low}, {high}{hi}, got {text!r}")
+        return value
+
+    return parse
+
+
+_positive_float = _float_in(0.0, float("inf"), low_open=True, high_open=True)
+_non_negative_float = _float_in(0.0, float("inf"), high_open=True)
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(t) for t in text.replace(" ", "").split(",") if t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return values
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (no usage block), exit status 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        message = " ".join(str(message).split())
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="python simulations/run.py",
+        description="Federated learning on simulated clients with Flower's Simulation Engine (Ray).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--strategy", choices=sorted(STRATEGIES), default="fedavg", help="server strategy")
+    p.add_argument("--clients", type=_positive_int, default=20, help="number of simulated clients")
+    p.add_argument("--rounds", type=_positive_int, default=3, help="federated rounds")
+    p.add_argument("--local-epochs", type=_positive_int, default=1, help="local epochs per round")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="local SGD batch size")
+    p.add_argument("--lr", type=_positive_float, default=0.05, help="local SGD learning rate")
+    p.add_argument("--momentum", type=_float_in(0.0, 1.0, high_open=True), default=0.9, help="local SGD momentum")
+    p.add_argument("--model", choices=MODELS, default="mlp",
+                   help="zoo model (default mlp: the C2M3 paper's 784-256-512-512-256-10 MLP)")
+    p.add_argument("--widths", type=_int_list, default=None,
+                   help="mlp: hidden widths, e.g. 256,512,512,256; cnn: conv channels, e.g. 32,64")
+    p.add_argument("--width", type=_positive_float, default=None, help="vgg*/resnet*: width multiplier")
+    p.add_argument("--dataset", choices=sorted(DATASETS), default="mnist",
+                   help="mnist is bundled; the others are read from --data-dir")
+    p.add_argument("--data-dir", default=None, help="directory holding the non-bundled datasets (see README)")
+    p.add_argument("--partition", choices=PARTITIONS, default="iid", help="how the training set is split")
+    p.add_argument("--alpha", type=_positive_float, default=0.5, help="Dirichlet concentration (--partition dirichlet)")
+    p.add_argument("--init", choices=INIT_MODES, default="shared",
+                   help="shared: all clients start from the global model; independent: own random inits "
+                        "(not supported yet)")
+    p.add_argument("--fraction", type=_float_in(0.0, 1.0, low_open=True), default=1.0,
+                   help="fraction of clients trained per round")
+    p.add_argument("--fraction-evaluate", type=_float_in(0.0, 1.0), default=1.0,
+                   help="fraction of clients evaluating the global model per round (0: none)")
+    p.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the init, partition and training")
+    p.add_argument("--out", default=None, help="output directory (default runs/<strategy>-<dataset>-<model>-<time>)")
+    p.add_argument("--cpus-per-client", type=_positive_float, default=1.0,
+                   help="Ray CPUs per client actor (Flower's default, 2, would run one client at a time on 2 cores)")
+    p.add_argument("--gpus-per-client", type=_non_negative_float, default=0.0, help="Ray GPUs per client actor")
+    adv = p.add_argument_group("advanced")
+    adv.add_argument("--max-train-samples", type=_non_negative_int, default=0,
+                     help="use a seeded random subset of the training set (0: all)")
+    adv.add_argument("--max-test-samples", type=_non_negative_int, default=0,
+                     help="use a seeded random subset of the test set (0: all)")
+    adv.add_argument("--holdout-fraction", type=_float_in(0.0, 1.0, high_open=True), default=0.1,
+                     help="share of each client's data held out for client-side evaluation")
+    adv.add_argument("--client-eval", choices=CLIENT_EVAL_MODES, default="holdout",
+                     help="data of client-side evaluation: held-out share or an IID share of the test set")
+    adv.add_argument("--device", default="auto", help="torch device of clients and server (auto: cuda if available)")
+    adv.add_argument("--allow-failures", action="store_true",
+                     help="carry on when some (not all) clients of a round fail")
+    adv.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bar over rounds")
+    adv.add_argument("--verbose", action="store_true", help="show Flower's INFO log")
+    return p
+
+
+def _model_kwargs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {}
+    if args.widths is not None:
+        if args.model == "mlp":
+            kwargs["widths"] = list(args.widths)
+        elif args.model == "cnn":
+            kwargs["channels"] = list(args.widths)
+        else:
+            parser.error(f"--widths applies to mlp and cnn, not {args.model} (use --width for a multiplier)")
+    if args.width is not None:
+        if not args.model.startswith(("vgg", "resnet")):
+            parser.error(f"--width applies to vgg*/resnet* models, not {args.model} (use --widths)")
+        kwargs["width"] = args.width
+    return kwargs
+
+
+def _one_line(exc: BaseException) -> str:
+    """The first line of an error message (fedmerge's data errors append a multi-line file layout)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else type(exc).__name__
+    first = lines[0].rstrip(":")
+    first = first[: -len(" laid out as")] if first.endswith(" laid out as") else first
+    return f"{first}, laid out as README.md (section Data) shows"
+
+
+def make_config(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                argv: Sequence[str] | None) -> dict[str, Any]:
+    """Validate everything that can be checked before Ray starts; ``parser.error`` (exit 2) otherwise."""
+    import torch
+
+    from fedmerge.data import load_dataset
+    from simulations.client_app import ClientConfig, _partitions, build_global_model
+
+    if args.init == "independent":
+        parser.error("--init independent is not supported yet (it comes with the fedmerge strategies); "
+                     "use --init shared")
+    cpus = os.cpu_count() or 1
+    if args.cpus_per_client > cpus:
+        parser.error(f"--cpus-per-client {args.cpus_per_client:g} exceeds the {cpus} CPUs of this machine: "
+                     "Ray could not place a single client")
+    if args.gpus_per_client > 0 and not torch.cuda.is_available():
+        parser.error(f"--gpus-per-client {args.gpus_per_client:g} but no CUDA GPU is available")
+    if args.client_eval == "holdout" and args.holdout_fraction == 0 and args.fraction_evaluate > 0:
+        parser.error("--client-eval holdout needs --holdout-fraction > 0 (or --client-eval test, "
+                     "or --fraction-evaluate 0)")
+    out = args.out or str(ROOT / "runs" / f"{args.strategy}-{args.dataset}-{args.model}-{time.strftime('%Y%m%d-%H%M%S')}")
+    threads = max(1, int(args.cpus_per_client))
+    config: dict[str, Any] = {
+        "strategy": args.strategy,
+        "num-clients": args.clients,
+        "num-rounds": args.rounds,
+        "fraction": args.fraction,
+        "fraction-evaluate": args.fraction_evaluate,
+        "dataset": args.dataset,
+        "data-dir": str(Path(args.data_dir).expanduser().resolve()) if args.data_dir else "",
+        "model": args.model,
+        "model-kwargs": json.dumps(_model_kwargs(parser, args), sort_keys=True),
+        "partition": args.partition,
+        "alpha": args.alpha,
+        "seed": args.seed,
+        "local-epochs": args.local_epochs,
+        "batch-size": args.batch_size,
+        "lr": args.lr,
+        "momentum": args.momentum,
+        "init": args.init,
+        "max-train-samples": args.max_train_samples,
+        "max-test-samples": args.max_test_samples,
+        "holdout-fraction": args.holdout_fraction,
+        "client-eval": args.client_eval,
+        "device": args.device,
+        "threads": threads,
+        "cpus-per-client": args.cpus_per_client,
+        "gpus-per-client": args.gpus_per_client,
+        "allow-failures": args.allow_failures,
+        "progress": args.progress,
+        "out": str(Path(out).expanduser().resolve()),
+        "command": "python simulations/run.py " + shlex.join(list(sys.argv[1:] if argv is None else argv)),
+    }
+    try:
+        cfg = ClientConfig.from_mapping(config)
+        if args.device != "auto":
+            torch.device(args.device)
+        build_global_model(cfg)
+    except Exception as exc:  # noqa: BLE001 - any failure here is a bad setting
+        parser.error(_one_line(exc))
+    try:
+        load_dataset(args.dataset, data_dir=config["data-dir"] or None, train=False)
+        parts = _partitions(cfg.dataset, cfg.data_dir, cfg.max_train_samples, cfg.partition, cfg.alpha,
+                            args.clients, cfg.seed)
+    except (OSError, ValueError, RuntimeError) as exc:
+        parser.error(_one_line(exc))
+    smallest = min(len(p) for p in parts)
+    if args.holdout_fraction > 0 and smallest < 2:
+        parser.error(f"a client gets only {smallest} training sample(s): nothing left after the hold-out; "
+                     "use fewer clients, more samples or --holdout-fraction 0 --client-eval test")
+    return config
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return format(value, spec) if isinstance(value, (int, float)) else "-"
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """A plain-text table of the rounds in ``results`` (the content of results.json)."""
+    header = ["round", "test acc", "test loss", "train loss", "train acc", "client acc", "agg s", "round s"]
+    rows = [["0", _fmt(results["initial"].get("test_accuracy"), ".4f"),
+             _fmt(results["initial"].get("test_loss"), ".4f"), "-", "-", "-", "-", "-"]]
+    for r in results["rounds"]:
+        rows.append([str(r["round"]), _fmt(r.get("test_accuracy"), ".4f"), _fmt(r.get("test_loss"), ".4f"),
+                     _fmt(r.get("train_loss"), ".4f"), _fmt(r.get("train_accuracy"), ".4f"),
+                     _fmt(r.get("client_eval_accuracy"), ".4f"), _fmt(r.get("aggregation_seconds"), ".3f"),
+                     _fmt(r.get("round_seconds"), ".1f")])
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
+    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths]), *(line(row) for row in rows)])
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Parse ``argv``, run the simulation, print the table; returns the content of results.json."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    config = make_config(parser, args, argv)
+
+    from flwr.simulation import run_simulation
+
+    from simulations import client_app, server_app
+
+    flwr_logger = logging.getLogger("flwr")
+    deprecation_filter = _HideRunSimulationDeprecation()
+    flwr_logger.addFilter(deprecation_filter)
+    old_level = flwr_logger.level
+    if not args.verbose:
+        flwr_logger.setLevel(logging.WARNING)
+    os.environ[CONFIG_ENV] = json.dumps(config)
+    out_dir = Path(config["out"])
+    results_path = out_dir / "results.json"
+    if results_path.exists():
+        results_path.unlink()  # never report a previous run's results
+    print(RUN_SIMULATION_NOTE, flush=True)
+    print(f"{args.strategy}: {args.clients} clients, {args.rounds} rounds, {args.model} on {args.dataset} "
+          f"({args.partition}); output in {out_dir}", flush=True)
+    t0 = time.perf_counter()
+    try:
+        run_simulation(
+            server_app=server_app.app,
+            client_app=client_app.app,
+            num_supernodes=args.clients,
+            backend_name="ray",
+            backend_config={"client_resources": {"num_cpus": args.cpus_per_client,
+                                                 "num_gpus": args.gpus_per_client}},
+            verbose_logging=False,  # True would switch Flower to DEBUG; --verbose keeps INFO
+        )
+    finally:
+        flwr_logger.removeFilter(deprecation_filter)
+        flwr_logger.setLevel(old_level)
+        os.environ.pop(CONFIG_ENV, None)
+    wall = time.perf_counter() - t0
+    if not results_path.is_file():
+        raise SystemExit(f"error: the simulation ended without writing {results_path}")
+    results = json.loads(results_path.read_text())
+    if not results.get("complete"):
+        raise SystemExit(f"error: the simulation stopped early; partial results in {results_path}")
+    final = results["final"]
+    print()
+    print(format_table(results))
+    print(f"\nfinal test accuracy {final['test_accuracy']:.4f} (loss {final['test_loss']:.4f}) after "
+          f"{final['round']} rounds; wall time {wall:.1f} s; results in {out_dir}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,331 @@
+"""The Flower ServerApp of the fedmerge simulations (Message API, Flower >= 1.41).
+
+``main`` builds the global model, picks a strategy by name from :data:`STRATEGIES`, runs it with
+``strategy.start(...)`` and a centralised ``evaluate_fn`` (the global model on the test set, before
+the first round and after every round), and writes into the output directory:
+
+* ``results.json``: the full configuration, one entry per round (test accuracy/loss, aggregated
+  client train and evaluate metrics, aggregation and round seconds, replies and failures) and a
+  ``final`` section; rewritten after every round, ``"complete": true`` once the run has ended;
+* ``tensorboard/``: TensorBoard scalars (``tensorboard --logdir DIR``);
+* ``checkpoints/round-{r}.pt``: the global model after round ``r`` (``round-0.pt``: the initial
+  model), a dict with ``state_dict`` and what is needed to rebuild the model.
+
+How configuration reaches the ServerApp
+---------------------------------------
+``flwr.simulation.run_simulation`` leaves ``context.run_config`` empty, so ``simulations/run.py``
+puts the whole configuration, as JSON, in the environment variable :data:`CONFIG_ENV` before it
+calls ``run_simulation``; the ServerApp runs in a thread of that same process and reads it in
+:func:`load_config`.  Keys found in ``context.run_config`` (e.g. from ``flwr run`` and a
+``[tool.flwr.app.config]`` table) are read too; the environment wins.  The clients get what
+they need from the ConfigRecord of every message (:func:`simulations.client_app.config_record`).
+
+Strategies
+----------
+:data:`STRATEGIES` maps a name to a factory ``(config dict) -> flwr.serverapp.strategy.Strategy``.
+A fedmerge strategy subclasses Flower's ``FedAvg`` and overrides ``aggregate_train`` (sampling,
+message construction and client evaluation stay FedAvg's); register it with
+``@register_strategy("name")`` on a factory that calls ``MyStrategy(**fedavg_kwargs(config))``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg, Strategy
+
+from fedmerge.data import load_dataset
+from fedmerge.training import evaluate, resolve_device
+
+from .client_app import ClientConfig, build_global_model, config_record, test_indices
+
+__all__ = ["CONFIG_ENV", "SERVER_DEFAULTS", "STRATEGIES", "RunRecorder", "app", "fedavg_kwargs",
+           "load_config", "make_strategy", "register_strategy"]
+
+#: Environment variable holding the run configuration (JSON object), set by simulations/run.py.
+CONFIG_ENV = "FEDMERGE_SIM_CONFIG"
+
+#: Server-side settings (the client-side ones are simulations.client_app.DEFAULTS).
+SERVER_DEFAULTS: dict[str, Any] = {
+    "strategy": "fedavg",
+    "num-rounds": 3,
+    "fraction": 1.0,              # fraction of clients sampled for training each round
+    "fraction-evaluate": 1.0,     # fraction of clients asked to evaluate the global model each round
+    "out": "runs/simulation",
+    "progress": True,             # tqdm bar over rounds
+    "allow-failures": False,      # False: any failed client reply aborts the run
+    "round-timeout": 3600.0,      # seconds to wait for the replies of one round
+}
+
+StrategyFactory = Callable[[Mapping[str, Any]], Strategy]
+
+#: Strategy name -> factory taking the run configuration.  Only FedAvg for now.
+STRATEGIES: dict[str, StrategyFactory] = {}
+
+
+def register_strategy(name: str) -> Callable[[StrategyFactory], StrategyFactory]:
+    """Decorator adding a strategy factory to :data:`STRATEGIES` under ``name``."""
+    def deco(factory: StrategyFactory) -> StrategyFactory:
+        STRATEGIES[name] = factory
+        return factory
+    return deco
+
+
+def fedavg_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Constructor arguments of Flower's ``FedAvg`` (and its subclasses) from the run configuration.
+
+    Minimums are set so that ``fraction`` means what it says (at least one client per round) and
+    the run waits until all ``num-clients`` simulated nodes are up.
+    """
+    num_clients = int(config["num-clients"])
+    return {
+        "fraction_train": float(config["fraction"]),
+        "fraction_evaluate": float(config["fraction-evaluate"]),
+        "min_train_nodes": 1,
+        "min_evaluate_nodes": 1,
+        "min_available_nodes": num_clients,
+    }
+
+
+@register_strategy("fedavg")
+def _fedavg(config: Mapping[str, Any]) -> Strategy:
+    return FedAvg(**fedavg_kwargs(config))
+
+
+def make_strategy(config: Mapping[str, Any]) -> Strategy:
+    name = config["strategy"]
+    try:
+        factory = STRATEGIES[name]
+    except KeyError:
+        raise ValueError(f"unknown strategy {name!r}; registered: {', '.join(sorted(STRATEGIES))}") from None
+    return factory(config)
+
+
+def load_config(context: Context | None = None) -> dict[str, Any]:
+    """Defaults, then ``context.run_config``, then the JSON in ``$FEDMERGE_SIM_CONFIG``."""
+    from .client_app import DEFAULTS
+
+    config: dict[str, Any] = {**DEFAULTS, **SERVER_DEFAULTS}
+    if context is not None and context.run_config:
+        config.update(dict(context.run_config))
+    raw = os.environ.get(CONFIG_ENV)
+    if raw:
+        try:
+            env = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"${CONFIG_ENV} is not valid JSON: {exc}") from None
+        if not isinstance(env, dict):
+            raise ValueError(f"${CONFIG_ENV} must hold a JSON object")
+        config.update(env)
+    if int(config.get("num-clients", 0)) < 1:
+        raise ValueError("the configuration must give num-clients >= 1")
+    return config
+
+
+# ------------------------------------------------------------------------ recording
+
+
+def _json_float(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+class RunRecorder:
+    """Per-round bookkeeping: centralised evaluation, checkpoints, TensorBoard, results.json, tqdm.
+
+    :meth:`instrument` wraps a strategy instance's ``aggregate_train``/``aggregate_evaluate`` (so it
+    works for any subclass that overrides them) to time the aggregation, count failed replies and
+    keep the aggregated client metrics; :meth:`evaluate_fn` is given to ``strategy.start``.
+    """
+
+    def __init__(self, config: Mapping[str, Any], out_dir: Path, *, device: torch.device | None = None) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.config = dict(config)
+        self.client_cfg = ClientConfig.from_mapping(config)
+        self.out_dir = out_dir
+        self.ckpt_dir = out_dir / "checkpoints"
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        self.num_rounds = int(config["num-rounds"])
+        self.allow_failures = bool(config.get("allow-failures", False))
+        self.device = device if device is not None else resolve_device(
+            None if self.client_cfg.device == "auto" else self.client_cfg.device)
+        cfg = self.client_cfg
+        test = load_dataset(cfg.dataset, data_dir=cfg.data_dir or None, train=False)
+        idx = test_indices(cfg.dataset, cfg.data_dir, cfg.max_test_samples, cfg.seed)
+        self.test_images = test.images if idx is None else test.images[idx]
+        self.test_labels = test.labels if idx is None else test.labels[idx]
+        self.model = build_global_model(cfg)
+        self.rounds: dict[int, dict[str, Any]] = {}
+        self.writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+        self.t_start = time.perf_counter()
+        self._t_last = self.t_start
+        self.bar = None
+        if config.get("progress", True):
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=self.num_rounds, desc=f"{config['strategy']} rounds", unit="round")
+
+    # -- strategy hooks -------------------------------------------------------------------
+
+    def _round(self, server_round: int) -> dict[str, Any]:
+        return self.rounds.setdefault(server_round, {"round": server_round})
+
+    def _check_replies(self, server_round: int, replies: list[Message], phase: str) -> None:
+        failed = [m for m in replies if m.has_error()]
+        rec = self._round(server_round)
+        rec[f"{phase}_replies"] = len(replies)
+        rec[f"{phase}_failures"] = len(failed)
+        if failed and (not self.allow_failures or len(failed) == len(replies)):
+            reasons = "; ".join(sorted({m.error.reason.strip().splitlines()[-1] for m in failed if m.error.reason}))
+            raise RuntimeError(f"round {server_round}: {len(failed)} of {len(replies)} {phase} replies "
+                               f"failed: {reasons or 'no reason given'}")
+
+    def instrument(self, strategy: Strategy) -> Strategy:
+        aggregate_train = strategy.aggregate_train
+        aggregate_evaluate = strategy.aggregate_evaluate
+
+        def timed_aggregate_train(server_round: int, replies: Iterable[Message]):
+            replies = list(replies)
+            self._check_replies(server_round, replies, "train")
+            t0 = time.perf_counter()
+            arrays, metrics = aggregate_train(server_round, replies)
+            rec = self._round(server_round)
+            rec["aggregation_seconds"] = time.perf_counter() - t0
+            if arrays is None:
+                raise RuntimeError(f"round {server_round}: the strategy produced no global model")
+            for key, value in (metrics or {}).items():
+                rec[key] = value
+            return arrays, metrics
+
+        def recorded_aggregate_evaluate(server_round: int, replies: Iterable[Message]):
+            replies = list(replies)
+            self._check_replies(server_round, replies, "evaluate")
+            metrics = aggregate_evaluate(server_round, replies)
+            rec = self._round(server_round)
+            for key, value in (metrics or {}).items():
+                rec[f"client_{key}"] = value  # client_eval_loss, client_eval_accuracy
+            return metrics
+
+        strategy.aggregate_train = timed_aggregate_train  # type: ignore[method-assign]
+        strategy.aggregate_evaluate = recorded_aggregate_evaluate  # type: ignore[method-assign]
+        return strategy
+
+    def evaluate_fn(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        """Centralised evaluation of the global model; also checkpoints and logs the round."""
+        self.model.load_state_dict(arrays.to_torch_state_dict())  # converted once: every call copies
+        stats = evaluate(self.model, self.test_images, self.test_labels, device=self.device)
+        now = time.perf_counter()
+        rec = self._round(server_round)
+        rec["test_accuracy"] = float(stats["accuracy"])
+        rec["test_loss"] = float(stats["loss"])
+        rec["round_seconds"] = now - self._t_last
+        rec["elapsed_seconds"] = now - self.t_start
+        self._t_last = now
+        cfg = self.client_cfg
+        torch.save({
+            "round": server_round,
+            "strategy": self.config["strategy"],
+            "model": cfg.model,
+            "model_kwargs": cfg.kwargs(),
+            "dataset": cfg.dataset,
+            "state_dict": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
+            "test_accuracy": rec["test_accuracy"],
+            "test_loss": rec["test_loss"],
+        }, self.ckpt_dir / f"round-{server_round}.pt")
+        scalars = {
+            "test/accuracy": rec.get("test_accuracy"),
+            "test/loss": rec.get("test_loss"),
+            "train/loss": rec.get("train_loss"),
+            "train/accuracy": rec.get("train_accuracy"),
+            "client_eval/loss": rec.get("client_eval_loss"),
+            "client_eval/accuracy": rec.get("client_eval_accuracy"),
+            "time/aggregation_seconds": rec.get("aggregation_seconds"),
+            "time/round_seconds": rec.get("round_seconds") if server_round > 0 else None,
+        }
+        for tag, value in scalars.items():
+            if isinstance(value, (int, float)):
+                self.writer.add_scalar(tag, value, server_round)
+        self.writer.flush()
+        if server_round > 0 and self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(test_acc=f"{rec['test_accuracy']:.4f}")
+        self.write_results(complete=False)
+        return MetricRecord({"test_accuracy": rec["test_accuracy"], "test_loss": rec["test_loss"]})
+
+    # -- outputs --------------------------------------------------------------------------
+
+    def results(self, *, complete: bool) -> dict[str, Any]:
+        import flwr
+
+        rounds = [{k: _json_float(v) for k, v in self.rounds[r].items()} for r in sorted(self.rounds) if r > 0]
+        initial = self.rounds.get(0, {})
+        last = rounds[-1] if rounds else {}
+        return {
+            "complete": complete,
+            "config": self.config,
+            "versions": {"flwr": flwr.__version__, "torch": torch.__version__},
+            "device": str(self.device),
+            "num_test_samples": int(self.test_labels.shape[0]),
+            "initial": {"test_accuracy": initial.get("test_accuracy"), "test_loss": initial.get("test_loss")},
+            "rounds": rounds,
+            "final": {
+                "round": last.get("round", 0),
+                "test_accuracy": last.get("test_accuracy"),
+                "test_loss": last.get("test_loss"),
+                "wall_seconds": time.perf_counter() - self.t_start,
+            },
+        }
+
+    def write_results(self, *, complete: bool) -> Path:
+        path = self.out_dir / "results.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.results(complete=complete), indent=2) + "\n")
+        os.replace(tmp, path)
+        return path
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        self.writer.close()
+
+
+# --------------------------------------------------------------------------- the app
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run ``num-rounds`` rounds of the configured strategy and write the outputs."""
+    config = load_config(context)
+    out_dir = Path(str(config["out"])).expanduser()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    strategy = make_strategy(config)
+    client_config = config_record(config)  # validates the client settings here, on the server
+    recorder = RunRecorder(config, out_dir)
+    try:
+        recorder.instrument(strategy)
+        initial = ArrayRecord(recorder.model.state_dict())
+        strategy.start(
+            grid=grid,
+            initial_arrays=initial,
+            num_rounds=int(config["num-rounds"]),
+            timeout=float(config["round-timeout"]),
+            # FedAvg writes "server-round" into these records in place: give each its own copy
+            train_config=ConfigRecord(dict(client_config)),
+            evaluate_config=ConfigRecord(dict(client_config)),
+            evaluate_fn=recorder.evaluate_fn,
+        )
+        recorder.write_results(complete=True)
+    finally:
+        recorder.close()

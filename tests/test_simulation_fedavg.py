@@ -1,0 +1,161 @@
+"""FedAvg through Flower's real Simulation Engine (Ray backend): simulations/run.py end to end.
+
+One module-scoped simulation (Ray start-up is slow): 4 clients, 2 rounds, a 4000-sample MNIST
+subset, run as a subprocess exactly as a user would run it.  The other tests are fast: bad
+command lines exit with status 2 and a one-line message, and the strategy registry/config helpers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `simulations` is not installed: import it from the repository root
+    sys.path.insert(0, str(ROOT))
+
+from simulations import run  # noqa: E402
+from simulations.client_app import ClientConfig, build_global_model, config_record, test_indices  # noqa: E402
+from simulations.server_app import STRATEGIES, make_strategy  # noqa: E402
+
+CLIENTS, ROUNDS, TRAIN, TEST = 4, 2, 4000, 1000
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", PYTHONUNBUFFERED="1")
+    env.pop("FEDMERGE_SIM_CONFIG", None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def simulation(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sim") / "fedavg"
+    cmd = [sys.executable, str(ROOT / "simulations" / "run.py"), "--strategy", "fedavg",
+           "--clients", str(CLIENTS), "--rounds", str(ROUNDS), "--max-train-samples", str(TRAIN),
+           "--max-test-samples", str(TEST), "--local-epochs", "2", "--seed", "3", "--no-progress",
+           "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, f"run.py failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    return out, json.loads((out / "results.json").read_text()), proc
+
+
+def test_results_json(simulation):
+    out, results, _ = simulation
+    assert results["complete"] is True
+    cfg = results["config"]
+    assert cfg["strategy"] == "fedavg" and cfg["num-clients"] == CLIENTS and cfg["num-rounds"] == ROUNDS
+    assert cfg["dataset"] == "mnist" and cfg["model"] == "mlp" and cfg["partition"] == "iid"
+    assert cfg["max-train-samples"] == TRAIN and cfg["max-test-samples"] == TEST and cfg["seed"] == 3
+    assert cfg["out"] == str(out.resolve()) and cfg["command"].startswith("python simulations/run.py")
+    assert results["num_test_samples"] == TEST
+    rounds = results["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2]
+    for r in rounds:
+        assert r["train_replies"] == CLIENTS and r["train_failures"] == 0
+        assert r["evaluate_replies"] == CLIENTS and r["evaluate_failures"] == 0
+        assert r["aggregation_seconds"] > 0 and r["round_seconds"] > 0
+        assert 0 <= r["train_accuracy"] <= 1 and r["train_loss"] > 0
+        assert 0 <= r["client_eval_accuracy"] <= 1 and r["client_eval_loss"] > 0
+        assert 0 <= r["test_accuracy"] <= 1 and r["test_loss"] > 0
+    final = results["final"]
+    assert final["round"] == ROUNDS
+    assert final["test_accuracy"] == rounds[-1]["test_accuracy"] and final["test_loss"] == rounds[-1]["test_loss"]
+    assert final["test_accuracy"] > 0.5, final  # chance is 0.1
+    assert final["test_accuracy"] > results["initial"]["test_accuracy"]
+    assert final["wall_seconds"] > 0
+
+
+def test_checkpoints_reproduce_the_reported_accuracy(simulation):
+    out, results, _ = simulation
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert names == [f"round-{r}.pt" for r in range(ROUNDS + 1)]
+    ckpt = torch.load(out / "checkpoints" / f"round-{ROUNDS}.pt", weights_only=True)
+    assert ckpt["round"] == ROUNDS and ckpt["model"] == "mlp" and ckpt["strategy"] == "fedavg"
+    cfg = ClientConfig.from_mapping(results["config"])
+    model = build_global_model(cfg)
+    model.load_state_dict(ckpt["state_dict"])
+    from fedmerge.data import load_dataset
+    from fedmerge.training import evaluate
+
+    test = load_dataset("mnist", train=False)
+    idx = test_indices("mnist", "", TEST, cfg.seed)
+    stats = evaluate(model, test.images[idx], test.labels[idx], device="cpu")
+    assert stats["accuracy"] == pytest.approx(results["final"]["test_accuracy"], abs=1e-9)
+
+
+def test_tensorboard_scalars(simulation):
+    out, _, _ = simulation
+    events = list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == 1 and events[0].stat().st_size > 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("test/accuracy")] == list(range(ROUNDS + 1))
+    assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, ROUNDS + 1))
+    assert "time/aggregation_seconds" in acc.Tags()["scalars"]
+
+
+def test_terminal_output(simulation):
+    _, results, proc = simulation
+    assert "run_simulation on purpose" in proc.stdout and "flwr run ." in proc.stdout
+    assert "DEPRECATED FEATURE" not in proc.stdout + proc.stderr
+    assert "test acc" in proc.stdout and f"final test accuracy {results['final']['test_accuracy']:.4f}" in proc.stdout
+
+
+# ------------------------------------------------------------------------- fast tests
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--clients", "0"], "--clients"),
+    (["--rounds", "-1"], "--rounds"),
+    (["--strategy", "nope"], "invalid choice"),
+    (["--model", "nope"], "invalid choice"),
+    (["--fraction", "1.5"], "--fraction"),
+    (["--alpha", "0"], "--alpha"),
+    (["--lr", "nan"], "--lr"),
+    (["--widths", "64,x"], "--widths"),
+    (["--width", "0.5"], "--width applies"),
+    (["--init", "independent"], "not supported yet"),
+    (["--dataset", "cifar10"], "--data-dir"),
+    (["--dataset", "fashion-mnist", "--data-dir", "/nonexistent"], "missing"),
+    (["--cpus-per-client", "4096"], "--cpus-per-client"),
+    (["--partition", "dirichlet", "--alpha", "0.001", "--clients", "500", "--max-train-samples", "600"], "no data"),
+    (["--client-eval", "holdout", "--holdout-fraction", "0"], "--holdout-fraction"),
+])
+def test_bad_input_exits_2_with_one_line(argv, fragment, capsys):
+    with pytest.raises(SystemExit) as info:
+        run.main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("python simulations/run.py: error: "), err
+    assert fragment in err
+
+
+def test_bad_input_from_the_command_line():
+    proc = subprocess.run([sys.executable, str(ROOT / "simulations" / "run.py"), "--partition", "random"],
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and "--partition" in proc.stderr
+
+
+def test_strategy_registry_and_client_config():
+    assert "fedavg" in STRATEGIES
+    base = {"strategy": "fedavg", "num-clients": 10, "fraction": 0.3, "fraction-evaluate": 0.0}
+    strategy = make_strategy(base)
+    assert type(strategy).__name__ == "FedAvg" and strategy.fraction_train == 0.3
+    assert strategy.min_available_nodes == 10
+    with pytest.raises(ValueError, match="unknown strategy"):
+        make_strategy({**base, "strategy": "nope"})
+    record = config_record({"model": "mlp", "model-kwargs": '{"widths": [8]}', "seed": 4, "other": 1})
+    assert record["model"] == "mlp" and record["seed"] == 4 and "other" not in record
+    cfg = ClientConfig.from_mapping(record)
+    assert cfg.kwargs() == {"widths": [8]} and hash(cfg) == hash(ClientConfig.from_mapping(dict(record)))
+    with pytest.raises(ValueError, match="init"):
+        ClientConfig.from_mapping({"init": "random"})
