@@ -36,7 +36,7 @@ from fedmerge.training import evaluate, resolve_device, train
 
 __all__ = [
     "ARRAYS_KEY", "CONFIG_KEY", "CLIENT_EVAL_MODES", "DEFAULTS", "INIT_MODES", "METRICS_KEY",
-    "ClientConfig", "ClientData", "app", "build_global_model", "config_record", "test_indices",
+    "ClientConfig", "ClientData", "app", "build_global_model", "config_record", "used_test_indices",
 ]
 
 #: Record keys: the same as Flower's FedAvg uses (``arrayrecord_key``/``configrecord_key``).
@@ -171,13 +171,13 @@ def _subset(n: int, limit: int, seed: int) -> torch.Tensor | None:
     return torch.randperm(n, generator=g)[:limit].sort().values
 
 
-def train_indices(dataset: str, data_dir: str, max_train_samples: int, seed: int) -> torch.Tensor | None:
+def used_train_indices(dataset: str, data_dir: str, max_train_samples: int, seed: int) -> torch.Tensor | None:
     """Indices of the training samples in use (``None``: all of them)."""
     n = len(load_dataset(dataset, data_dir=_data_dir(data_dir), train=True))
     return _subset(n, max_train_samples, seed)
 
 
-def test_indices(dataset: str, data_dir: str, max_test_samples: int, seed: int) -> torch.Tensor | None:
+def used_test_indices(dataset: str, data_dir: str, max_test_samples: int, seed: int) -> torch.Tensor | None:
     """Indices of the test samples in use (``None``: all of them); the server evaluates on the same ones."""
     n = len(load_dataset(dataset, data_dir=_data_dir(data_dir), train=False))
     return _subset(n, max_test_samples, seed + 1)
@@ -188,7 +188,7 @@ def _partitions(dataset: str, data_dir: str, max_train_samples: int, method: str
                 num_clients: int, seed: int) -> tuple[torch.Tensor, ...]:
     """Every client's indices into the full training set (computed once per process and setting)."""
     ds = load_dataset(dataset, data_dir=_data_dir(data_dir), train=True)
-    used = train_indices(dataset, data_dir, max_train_samples, seed)
+    used = used_train_indices(dataset, data_dir, max_train_samples, seed)
     labels = ds.labels if used is None else ds.labels[used]
     parts = partition(labels, num_clients, method, alpha=alpha, seed=seed)
     return tuple(parts if used is None else [used[p] for p in parts])
@@ -199,7 +199,7 @@ def _test_shares(dataset: str, data_dir: str, max_test_samples: int, num_clients
                  seed: int) -> tuple[torch.Tensor, ...]:
     """The test set (or its subset) cut IID into one share per client."""
     ds = load_dataset(dataset, data_dir=_data_dir(data_dir), train=False)
-    used = test_indices(dataset, data_dir, max_test_samples, seed)
+    used = used_test_indices(dataset, data_dir, max_test_samples, seed)
     labels = ds.labels if used is None else ds.labels[used]
     parts = partition(labels, num_clients, "iid", seed=seed)
     return tuple(parts if used is None else [used[p] for p in parts])
@@ -274,7 +274,11 @@ app = ClientApp()
 
 @app.train()
 def train_handler(msg: Message, context: Context) -> Message:
-    """Train the received global model on this client's partition; reply weights + metrics."""
+    """Train the received global model on this client's partition; reply weights + metrics.
+
+    The MetricRecord holds ``train_loss``, ``train_accuracy``, ``num-examples`` (FedAvg's weight)
+    and ``partition-id`` (the server sorts replies by it and drops it from aggregated metrics).
+    """
     cfg, pid, num_clients, server_round = _read(msg, context)
     if cfg.init == "independent":
         raise ValueError("init 'independent' (every client starting from its own random init) is not "
@@ -288,6 +292,7 @@ def train_handler(msg: Message, context: Context) -> Message:
         "train_loss": float(stats["loss"]),
         "train_accuracy": float(stats["accuracy"]),
         "num-examples": int(stats["num_examples"]),
+        "partition-id": pid,  # lets the server order replies (and know who sent what)
     })
     content = RecordDict({ARRAYS_KEY: ArrayRecord(model.state_dict()), METRICS_KEY: metrics})
     return Message(content=content, reply_to=msg)
@@ -304,5 +309,6 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
         "eval_loss": float(stats["loss"]),
         "eval_accuracy": float(stats["accuracy"]),
         "num-examples": int(stats["num_examples"]),
+        "partition-id": pid,
     })
     return Message(content=RecordDict({METRICS_KEY: metrics}), reply_to=msg)

@@ -25,10 +25,16 @@ import os
 import shlex
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+# Ray hides GPUs from actors that ask for none (CUDA_VISIBLE_DEVICES=""), so --gpus-per-client 0
+# means CPU clients.  Ray 2.5x warns that a future version will stop doing so unless this is set;
+# keep today's behaviour explicitly and silence the FutureWarning it prints at ray.init().
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "1")
+warnings.filterwarnings("ignore", message="Tip: In future versions of Ray", category=FutureWarning)
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `simulations` is not installed; Ray workers inherit this via PYTHONPATH

@@ -45,10 +45,13 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 from fedmerge.data import load_dataset
 from fedmerge.training import evaluate, resolve_device
 
-from .client_app import ClientConfig, build_global_model, config_record, test_indices
+from .client_app import ClientConfig, build_global_model, config_record, used_test_indices
 
 __all__ = ["CONFIG_ENV", "SERVER_DEFAULTS", "STRATEGIES", "RunRecorder", "app", "fedavg_kwargs",
            "load_config", "make_strategy", "register_strategy"]
+
+#: Key of the client's partition id in its reply MetricRecord.
+PARTITION_KEY = "partition-id"
 
 #: Environment variable holding the run configuration (JSON object), set by simulations/run.py.
 CONFIG_ENV = "FEDMERGE_SIM_CONFIG"
@@ -133,6 +136,18 @@ def load_config(context: Context | None = None) -> dict[str, Any]:
 # ------------------------------------------------------------------------ recording
 
 
+def _reason(text: str | None) -> str:
+    """The client's own message from a Simulation Engine error reply.
+
+    Such replies read ``"<class '...ClientAppException'>:<'\\nException ClientAppException
+    occurred. Message: <the client's message>'>"``.
+    """
+    lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
+    last = lines[-1] if lines else "no reason given"
+    last = last[: -len("'>")] if last.endswith("'>") else last
+    return last.split("occurred. Message: ", 1)[-1]
+
+
 def _json_float(x: Any) -> Any:
     if isinstance(x, float) and not math.isfinite(x):
         return None
@@ -161,7 +176,7 @@ class RunRecorder:
             None if self.client_cfg.device == "auto" else self.client_cfg.device)
         cfg = self.client_cfg
         test = load_dataset(cfg.dataset, data_dir=cfg.data_dir or None, train=False)
-        idx = test_indices(cfg.dataset, cfg.data_dir, cfg.max_test_samples, cfg.seed)
+        idx = used_test_indices(cfg.dataset, cfg.data_dir, cfg.max_test_samples, cfg.seed)
         self.test_images = test.images if idx is None else test.images[idx]
         self.test_labels = test.labels if idx is None else test.labels[idx]
         self.model = build_global_model(cfg)
@@ -185,19 +200,42 @@ class RunRecorder:
         rec[f"{phase}_replies"] = len(replies)
         rec[f"{phase}_failures"] = len(failed)
         if failed and (not self.allow_failures or len(failed) == len(replies)):
-            reasons = "; ".join(sorted({m.error.reason.strip().splitlines()[-1] for m in failed if m.error.reason}))
+            reasons = "; ".join(sorted({_reason(m.error.reason) for m in failed}))
             raise RuntimeError(f"round {server_round}: {len(failed)} of {len(replies)} {phase} replies "
                                f"failed: {reasons or 'no reason given'}")
+
+    @staticmethod
+    def _ordered(replies: Iterable[Message]) -> list[Message]:
+        """Replies sorted by the clients' partition ids (failed replies last).
+
+        Replies arrive in completion order; averaging (and any merge that treats model 0 as the
+        reference) in a fixed order makes a run reproducible.
+        """
+        def key(msg: Message) -> tuple[int, int]:
+            if msg.has_error():
+                return (1, 0)
+            for record in msg.content.metric_records.values():
+                if PARTITION_KEY in record:
+                    return (0, int(record[PARTITION_KEY]))
+            return (0, 0)
+        return sorted(replies, key=key)
+
+    @staticmethod
+    def _without_partition_id(metrics: MetricRecord | None) -> MetricRecord | None:
+        if metrics is not None and PARTITION_KEY in metrics:
+            del metrics[PARTITION_KEY]  # a weighted mean of client ids means nothing
+        return metrics
 
     def instrument(self, strategy: Strategy) -> Strategy:
         aggregate_train = strategy.aggregate_train
         aggregate_evaluate = strategy.aggregate_evaluate
 
         def timed_aggregate_train(server_round: int, replies: Iterable[Message]):
-            replies = list(replies)
+            replies = self._ordered(replies)
             self._check_replies(server_round, replies, "train")
             t0 = time.perf_counter()
             arrays, metrics = aggregate_train(server_round, replies)
+            metrics = self._without_partition_id(metrics)
             rec = self._round(server_round)
             rec["aggregation_seconds"] = time.perf_counter() - t0
             if arrays is None:
@@ -207,9 +245,9 @@ class RunRecorder:
             return arrays, metrics
 
         def recorded_aggregate_evaluate(server_round: int, replies: Iterable[Message]):
-            replies = list(replies)
+            replies = self._ordered(replies)
             self._check_replies(server_round, replies, "evaluate")
-            metrics = aggregate_evaluate(server_round, replies)
+            metrics = self._without_partition_id(aggregate_evaluate(server_round, replies))
             rec = self._round(server_round)
             for key, value in (metrics or {}).items():
                 rec[f"client_{key}"] = value  # client_eval_loss, client_eval_accuracy

@@ -21,7 +21,7 @@ if str(ROOT) not in sys.path:  # `simulations` is not installed: import it from 
     sys.path.insert(0, str(ROOT))
 
 from simulations import run  # noqa: E402
-from simulations.client_app import ClientConfig, build_global_model, config_record, test_indices  # noqa: E402
+from simulations.client_app import ClientConfig, build_global_model, config_record, used_test_indices  # noqa: E402
 from simulations.server_app import STRATEGIES, make_strategy  # noqa: E402
 
 CLIENTS, ROUNDS, TRAIN, TEST = 4, 2, 4000, 1000
@@ -63,6 +63,7 @@ def test_results_json(simulation):
         assert 0 <= r["train_accuracy"] <= 1 and r["train_loss"] > 0
         assert 0 <= r["client_eval_accuracy"] <= 1 and r["client_eval_loss"] > 0
         assert 0 <= r["test_accuracy"] <= 1 and r["test_loss"] > 0
+        assert "partition-id" not in r  # used to order replies, dropped from the aggregates
     final = results["final"]
     assert final["round"] == ROUNDS
     assert final["test_accuracy"] == rounds[-1]["test_accuracy"] and final["test_loss"] == rounds[-1]["test_loss"]
@@ -84,7 +85,7 @@ def test_checkpoints_reproduce_the_reported_accuracy(simulation):
     from fedmerge.training import evaluate
 
     test = load_dataset("mnist", train=False)
-    idx = test_indices("mnist", "", TEST, cfg.seed)
+    idx = used_test_indices("mnist", "", TEST, cfg.seed)
     stats = evaluate(model, test.images[idx], test.labels[idx], device="cpu")
     assert stats["accuracy"] == pytest.approx(results["final"]["test_accuracy"], abs=1e-9)
 
@@ -107,6 +108,29 @@ def test_terminal_output(simulation):
     assert "run_simulation on purpose" in proc.stdout and "flwr run ." in proc.stdout
     assert "DEPRECATED FEATURE" not in proc.stdout + proc.stderr
     assert "test acc" in proc.stdout and f"final test accuracy {results['final']['test_accuracy']:.4f}" in proc.stdout
+
+
+_FAILING_RUN = """
+import json, os, sys
+sys.path.insert(0, sys.argv[1])
+from flwr.simulation import run_simulation
+from simulations import client_app, server_app
+os.environ[server_app.CONFIG_ENV] = json.dumps({
+    "num-clients": 2, "num-rounds": 1, "init": "independent", "max-train-samples": 400,
+    "max-test-samples": 100, "out": sys.argv[2], "progress": False, "threads": 1})
+run_simulation(server_app=server_app.app, client_app=client_app.app, num_supernodes=2,
+               backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+"""
+
+
+def test_client_failure_aborts_the_run_with_its_message(tmp_path):
+    """Flower's FedAvg would skip a round whose clients all failed and carry on; ours stops."""
+    proc = subprocess.run([sys.executable, "-c", _FAILING_RUN, str(ROOT), str(tmp_path / "fail")], cwd=ROOT,
+                          env=_env(), capture_output=True, text=True, timeout=180)
+    assert proc.returncode != 0
+    assert "RuntimeError: round 1: 2 of 2 train replies failed: init 'independent'" in proc.stderr, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "fail" / "results.json").read_text())
+    assert results["complete"] is False and results["rounds"] == []
 
 
 # ------------------------------------------------------------------------- fast tests

@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 __all__ = [
-    "METHOD_VARIANTS", "finish", "PAPER_WIDTHS", "method_call", "bench_cache_dir", "cpu_model", "ensure_stdout_utf8", "environment", "format_environment",
+    "METHOD_VARIANTS", "add_common_arguments", "finish", "PAPER_WIDTHS", "method_call", "bench_cache_dir", "cpu_model", "ensure_stdout_utf8", "environment", "format_environment",
     "int_at_least", "markdown_table", "mlp_cache_path", "mlp_name", "parse_choice_list", "parse_int_list",
     "positive_float", "positive_int", "random_models", "set_threads", "torch_device", "trained_mlps", "warmup",
     "write_json",
@@ -228,6 +228,18 @@ def _jsonable(obj: Any) -> Any:
     if hasattr(obj, "item"):  # numpy scalars
         return _jsonable(obj.item())
     return str(obj)
+
+
+def add_common_arguments(p: argparse.ArgumentParser) -> None:
+    """The options every benchmark script shares: threads, model cache, JSON output, progress bars."""
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="torch.set_num_threads (default: torch's default)")
+    p.add_argument("--cache-dir", default=None,
+                   help="root of the model cache (default: $FEDMERGE_CACHE or ~/.cache/fedmerge); "
+                        "models go to <root>/bench")
+    p.add_argument("--out", default=None, help="write all results as JSON to this file")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="tqdm progress bars on stderr (default: on)")
 
 
 def finish(result: dict, notes: Sequence[str], out: str | os.PathLike | None) -> dict:

@@ -34,7 +34,7 @@ import torch
 
 import fedmerge
 from fedmerge.models import MLP, ResNet20
-from simulations.benchmarks.common import (PAPER_WIDTHS, finish, method_call, ensure_stdout_utf8, environment, format_environment,
+from simulations.benchmarks.common import (PAPER_WIDTHS, add_common_arguments, finish, method_call, ensure_stdout_utf8, environment, format_environment,
                                            int_at_least, markdown_table, mlp_name, parse_choice_list,
                                            parse_int_list, positive_float, positive_int, random_models,
                                            set_threads, torch_device, trained_mlps, warmup)
@@ -69,15 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-iter", type=positive_int, default=None,
                    help="iteration cap passed to every method as max_iter (C²M³: Frank-Wolfe steps, default 200; "
                         "MergeMany: sweeps, default 100; Git Re-Basin: coordinate-descent sweeps, default 100)")
-    p.add_argument("--threads", type=positive_int, default=None,
-                   help="torch.set_num_threads (default: torch's default)")
     p.add_argument("--device", type=torch_device, default="cpu", help="device the matching runs on (default: cpu)")
-    p.add_argument("--cache-dir", default=None,
-                   help="root of the model cache (default: $FEDMERGE_CACHE or ~/.cache/fedmerge); "
-                        "models go to <root>/bench")
-    p.add_argument("--out", default=None, help="write all results as JSON to this file")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                   help="tqdm progress bars on stderr (default: on)")
+    add_common_arguments(p)
     return p
 
 

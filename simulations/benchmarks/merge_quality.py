@@ -33,7 +33,7 @@ import fedmerge
 from fedmerge.data import load_dataset
 from fedmerge.models import MLP
 from fedmerge.training import evaluate
-from simulations.benchmarks.common import (PAPER_WIDTHS, finish, method_call, ensure_stdout_utf8, environment, format_environment,
+from simulations.benchmarks.common import (PAPER_WIDTHS, add_common_arguments, finish, method_call, ensure_stdout_utf8, environment, format_environment,
                                            markdown_table, mlp_name, parse_choice_list, parse_int_list,
                                            positive_int, set_threads, torch_device, trained_mlps, warmup)
 
@@ -75,17 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate on the first N MNIST test images only (default: all 10000)")
     p.add_argument("--max-iter", type=positive_int, default=None,
                    help="iteration cap passed to every matcher as max_iter (default: each method's own)")
-    p.add_argument("--threads", type=positive_int, default=None,
-                   help="torch.set_num_threads (default: torch's default)")
     p.add_argument("--device", type=torch_device, default=None,
                    help="device for training and evaluation (default: cuda if available, else cpu); "
                         "merging always runs on the CPU")
-    p.add_argument("--cache-dir", default=None,
-                   help="root of the model cache (default: $FEDMERGE_CACHE or ~/.cache/fedmerge); "
-                        "models go to <root>/bench")
-    p.add_argument("--out", default=None, help="write all results as JSON to this file")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                   help="tqdm progress bars on stderr (default: on)")
+    add_common_arguments(p)
     p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # 2 tiny MLPs, 500 images, 1 epoch
     return p
 
