@@ -231,3 +231,19 @@ def test_sparse_and_dense_soft_permutations_agree():
     torch.testing.assert_close(sparse.apply(t, 1), dense.apply(t, 1), atol=1e-6, rtol=1e-6)
     t = torch.randn(n, d, 7, generator=gen)
     torch.testing.assert_close(sparse.apply(t, 0), dense.apply(t, 0), atol=1e-6, rtol=1e-6)
+
+
+def test_cycle_error_counts_units_that_do_not_come_back():
+    spec = MLP(widths=(8, 16)).permutation_spec()
+    maps = {(a, b): random_permutation(spec, 10 * a + b) for a, b in itertools.combinations(range(4), 2)}
+
+    def get(a, b):
+        return maps[(a, b)] if (a, b) in maps else invert_permutation(maps[(b, a)])
+
+    expected = []
+    for a, b, c in itertools.combinations(range(4), 3):
+        loop = compose_permutations(compose_permutations(get(a, b), get(b, c)), get(c, a))
+        moved = sum(int((p != torch.arange(p.numel())).sum()) for p in loop.values())
+        expected.append(moved / sum(p.numel() for p in loop.values()))
+    assert fedmerge.cycle_error(maps, 4) == pytest.approx(sum(expected) / len(expected))
+    assert fedmerge.cycle_error(maps, 4) > 0.5
