@@ -87,10 +87,13 @@ def match(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec: PermutationSp
     device = next(iter(state_dicts[0].values())).device
     start = time.perf_counter()
     if name == "identity" or n == 1:
-        if options:
-            raise TypeError(f"unexpected options for method {name!r} with {n} model(s): {sorted(options)}")
+        # one model is its own common space; a matcher's options stay valid (a federated round
+        # may well leave a single client), options given to "identity" are a mistake
+        if name == "identity" and options:
+            raise TypeError(f"unexpected options for method 'identity': {sorted(options)}")
         out = {"perms": [identity_permutation(spec, device) for _ in range(n)], "nit": 0,
-               "converged": True, "message": "no alignment", "history": []}
+               "converged": True, "message": "a single model: nothing to align" if n == 1 else "no alignment",
+               "history": []}
     else:
         out = _MATCHERS[name](state_dicts, spec, progress=progress, **options)
     seconds = time.perf_counter() - start

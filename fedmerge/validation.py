@@ -14,7 +14,7 @@ import torch
 
 from .spec import PermutationSpec
 
-__all__ = ["check_state_dicts", "normalize_weights"]
+__all__ = ["check_like", "check_state_dicts", "normalize_weights"]
 
 
 def check_state_dicts(state_dicts: Sequence[Mapping[str, torch.Tensor]],
@@ -34,27 +34,42 @@ def check_state_dicts(state_dicts: Sequence[Mapping[str, torch.Tensor]],
             raise ValueError(f"model {i}: the state_dict is empty")
     ref = state_dicts[0]
     for i, sd in enumerate(state_dicts):
-        missing = [k for k in ref if k not in sd]
-        if missing:
-            raise ValueError(f"model {i}: key {missing[0]!r} is missing (model 0 has it); "
-                             "the models do not share an architecture")
-        extra = [k for k in sd if k not in ref]
-        if extra:
-            raise ValueError(f"model {i}: unexpected key {extra[0]!r} (model 0 does not have it); "
-                             "the models do not share an architecture")
-        for key, t in sd.items():
-            if not isinstance(t, torch.Tensor):
-                raise ValueError(f"model {i}: key {key!r} holds a {type(t).__name__}, not a tensor")
-            if t.shape != ref[key].shape:
-                raise ValueError(f"model {i}: key {key!r} has shape {tuple(t.shape)} but model 0 has "
-                                 f"{tuple(ref[key].shape)}")
-            if torch.is_floating_point(t) != torch.is_floating_point(ref[key]):
-                raise ValueError(f"model {i}: key {key!r} has dtype {t.dtype} but model 0 has {ref[key].dtype}")
-            if (t.is_floating_point() or t.is_complex()) and not torch.isfinite(t).all():
-                bad = "NaN" if torch.isnan(t).any() else "Inf"
-                raise ValueError(f"model {i}: key {key!r} contains {bad} values")
+        check_like(sd, ref, name=f"model {i}", reference_name="model 0")
         if spec is not None:
             spec.check_state_dict(sd, name=f"model {i}")
+
+
+def check_like(state_dict: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], *,
+               name: str = "model", reference_name: str = "the reference") -> None:
+    """Raise ``ValueError`` unless ``state_dict`` has ``reference``'s keys, shapes and dtype kinds and only
+    finite values; the message starts with ``name`` and names the key.
+
+    This is the one-model form of :func:`check_state_dicts`, for callers that judge models one at a
+    time against a known architecture (a federated server checking each client's update against the
+    global model it sent, leaving out the bad ones instead of failing the whole merge).
+    """
+    if not isinstance(state_dict, Mapping):
+        raise ValueError(f"{name}: expected a state_dict (mapping), got {type(state_dict).__name__}")
+    missing = [k for k in reference if k not in state_dict]
+    if missing:
+        raise ValueError(f"{name}: key {missing[0]!r} is missing ({reference_name} has it); "
+                         "the models do not share an architecture")
+    extra = [k for k in state_dict if k not in reference]
+    if extra:
+        raise ValueError(f"{name}: unexpected key {extra[0]!r} ({reference_name} does not have it); "
+                         "the models do not share an architecture")
+    for key, t in state_dict.items():
+        ref = reference[key]
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name}: key {key!r} holds a {type(t).__name__}, not a tensor")
+        if t.shape != ref.shape:
+            raise ValueError(f"{name}: key {key!r} has shape {tuple(t.shape)} but {reference_name} has "
+                             f"{tuple(ref.shape)}")
+        if torch.is_floating_point(t) != torch.is_floating_point(ref):
+            raise ValueError(f"{name}: key {key!r} has dtype {t.dtype} but {reference_name} has {ref.dtype}")
+        if (t.is_floating_point() or t.is_complex()) and not torch.isfinite(t).all():
+            bad = "NaN" if torch.isnan(t).any() else "Inf"
+            raise ValueError(f"{name}: key {key!r} contains {bad} values")
 
 
 def normalize_weights(weights: Sequence[float] | torch.Tensor | None, n: int) -> list[float]:

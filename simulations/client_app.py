@@ -61,7 +61,7 @@ DEFAULTS: dict[str, Any] = {
     "batch-size": 64,
     "lr": 0.05,
     "momentum": 0.9,
-    "init": "shared",             # "independent": every client starts from its own init (later)
+    "init": "shared",             # "independent": in round 1 every client starts from its own init
     "max-train-samples": 0,       # 0 = the whole training set (else a seeded random subset)
     "max-test-samples": 0,        # 0 = the whole test set (else a seeded random subset)
     "holdout-fraction": 0.1,      # share of each client's partition kept for client evaluation
@@ -265,6 +265,15 @@ def _load_model(msg: Message, cfg: ClientConfig) -> torch.nn.Module:
     return model
 
 
+def independent_init_seed(seed: int, partition_id: int) -> int:
+    """Seed of client ``partition_id``'s own initial model under ``init "independent"``.
+
+    Distinct per client and from the global model's seed (``seed``), so that the round-1 models
+    are as unrelated as the independently trained models that one-shot merging papers merge.
+    """
+    return (seed * 100_003 + 1 + partition_id) % (2**63)
+
+
 def _train_seed(seed: int, server_round: int, partition_id: int) -> int:
     return (seed * 1_000_003 + server_round * 10_007 + partition_id) % (2**63)
 
@@ -276,14 +285,18 @@ app = ClientApp()
 def train_handler(msg: Message, context: Context) -> Message:
     """Train the received global model on this client's partition; reply weights + metrics.
 
+    Under ``init "independent"`` the first round trains the client's own random init instead
+    (:func:`independent_init_seed`); later rounds start from the global model as usual.
+
     The MetricRecord holds ``train_loss``, ``train_accuracy``, ``num-examples`` (FedAvg's weight)
     and ``partition-id`` (the server sorts replies by it and drops it from aggregated metrics).
     """
     cfg, pid, num_clients, server_round = _read(msg, context)
-    if cfg.init == "independent":
-        raise ValueError("init 'independent' (every client starting from its own random init) is not "
-                         "supported yet; use init 'shared'")
-    model = _load_model(msg, cfg)
+    if cfg.init == "independent" and server_round <= 1:
+        # one-shot merging setting: round 1 starts from the client's own init, not the global model
+        model = build_global_model(cfg, seed=independent_init_seed(cfg.seed, pid))
+    else:
+        model = _load_model(msg, cfg)
     data = _client_data(cfg, pid, num_clients)
     stats = train(model, data.train_images, data.train_labels, epochs=cfg.local_epochs,
                   batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,

@@ -46,7 +46,7 @@ from fedmerge.partition import PARTITIONS  # noqa: E402
 from simulations.client_app import CLIENT_EVAL_MODES, INIT_MODES  # noqa: E402
 from simulations.server_app import CONFIG_ENV, STRATEGIES  # noqa: E402
 
-__all__ = ["build_parser", "main", "format_table"]
+__all__ = ["build_parser", "failure_summary", "format_table", "main"]
 
 RUN_SIMULATION_NOTE = (
     "note: this script calls flwr.simulation.run_simulation on purpose (one command, plain CLI "
@@ -150,8 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--partition", choices=PARTITIONS, default="iid", help="how the training set is split")
     p.add_argument("--alpha", type=_positive_float, default=0.5, help="Dirichlet concentration (--partition dirichlet)")
     p.add_argument("--init", choices=INIT_MODES, default="shared",
-                   help="shared: all clients start from the global model; independent: own random inits "
-                        "(not supported yet)")
+                   help="shared: all clients start from the global model; independent: in round 1 each "
+                        "client starts from its own random init (the one-shot merging setting)")
     p.add_argument("--fraction", type=_float_in(0.0, 1.0, low_open=True), default=1.0,
                    help="fraction of clients trained per round")
     p.add_argument("--fraction-evaluate", type=_float_in(0.0, 1.0), default=1.0,
@@ -171,8 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
     adv.add_argument("--client-eval", choices=CLIENT_EVAL_MODES, default="holdout",
                      help="data of client-side evaluation: held-out share or an IID share of the test set")
     adv.add_argument("--device", default="auto", help="torch device of clients and server (auto: cuda if available)")
-    adv.add_argument("--allow-failures", action="store_true",
-                     help="carry on when some (not all) clients of a round fail")
+    adv.add_argument("--max-iter", type=_non_negative_int, default=0,
+                     help="matching iterations per round: C2M3 Frank-Wolfe iterations, MergeMany sweeps, "
+                          "Git Re-Basin passes (0: the strategy's default)")
+    adv.add_argument("--stop-on-failure", action="store_true",
+                     help="stop the run at the first failed or malformed client reply (default: leave the "
+                          "client out of that round and record why in results.json)")
     adv.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bar over rounds")
     adv.add_argument("--verbose", action="store_true", help="show Flower's INFO log")
     return p
@@ -212,9 +216,8 @@ def make_config(parser: argparse.ArgumentParser, args: argparse.Namespace,
     from fedmerge.data import load_dataset
     from simulations.client_app import ClientConfig, _partitions, build_global_model
 
-    if args.init == "independent":
-        parser.error("--init independent is not supported yet (it comes with the fedmerge strategies); "
-                     "use --init shared")
+    if args.max_iter and args.strategy == "fedavg":
+        parser.error("--max-iter sets the matching of git-rebasin, mergemany and c2m3; fedavg does no matching")
     cpus = os.cpu_count() or 1
     if args.cpus_per_client > cpus:
         parser.error(f"--cpus-per-client {args.cpus_per_client:g} exceeds the {cpus} CPUs of this machine: "
@@ -252,7 +255,8 @@ def make_config(parser: argparse.ArgumentParser, args: argparse.Namespace,
         "threads": threads,
         "cpus-per-client": args.cpus_per_client,
         "gpus-per-client": args.gpus_per_client,
-        "allow-failures": args.allow_failures,
+        "stop-on-failure": args.stop_on_failure,
+        "max-iter": args.max_iter,
         "progress": args.progress,
         "out": str(Path(out).expanduser().resolve()),
         "command": "python simulations/run.py " + shlex.join(list(sys.argv[1:] if argv is None else argv)),
@@ -286,17 +290,35 @@ def _fmt(value: Any, spec: str) -> str:
 
 def format_table(results: dict[str, Any]) -> str:
     """A plain-text table of the rounds in ``results`` (the content of results.json)."""
-    header = ["round", "test acc", "test loss", "train loss", "train acc", "client acc", "agg s", "round s"]
+    header = ["round", "test acc", "test loss", "train loss", "client acc", "clients", "match it", "agg s",
+              "round s"]
     rows = [["0", _fmt(results["initial"].get("test_accuracy"), ".4f"),
-             _fmt(results["initial"].get("test_loss"), ".4f"), "-", "-", "-", "-", "-"]]
+             _fmt(results["initial"].get("test_loss"), ".4f"), "-", "-", "-", "-", "-", "-"]]
     for r in results["rounds"]:
+        replies = r.get("train_replies")
+        used = r.get("clients_merged", None if replies is None else replies - r.get("train_failures", 0))
         rows.append([str(r["round"]), _fmt(r.get("test_accuracy"), ".4f"), _fmt(r.get("test_loss"), ".4f"),
-                     _fmt(r.get("train_loss"), ".4f"), _fmt(r.get("train_accuracy"), ".4f"),
-                     _fmt(r.get("client_eval_accuracy"), ".4f"), _fmt(r.get("aggregation_seconds"), ".3f"),
-                     _fmt(r.get("round_seconds"), ".1f")])
+                     _fmt(r.get("train_loss"), ".4f"), _fmt(r.get("client_eval_accuracy"), ".4f"),
+                     f"{used}/{replies}" if replies is not None else "-", _fmt(r.get("match_iterations"), "d"),
+                     _fmt(r.get("aggregation_seconds"), ".2f"), _fmt(r.get("round_seconds"), ".1f")])
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
     line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
     return "\n".join([line(header), line(["-" * w for w in widths]), *(line(row) for row in rows)])
+
+
+def failure_summary(results: dict[str, Any]) -> list[str]:
+    """Warning lines for left-out clients and rounds that kept the previous global model."""
+    lines = []
+    failures = results.get("failures", [])
+    if failures:
+        reasons = sorted({f["reason"] for f in failures})
+        lines.append(f"warning: {len(failures)} client replies were left out ({len(reasons)} distinct reasons, "
+                     f"all in results.json 'failures'); first: {reasons[0]}")
+    kept = [r["round"] for r in results["rounds"] if r.get("global_model_kept")]
+    if kept:
+        lines.append(f"warning: no usable client update in round(s) {', '.join(map(str, kept))}: "
+                     "the global model was kept unchanged there")
+    return lines
 
 
 # ----------------------------------------------------------------------------- main
@@ -352,6 +374,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(format_table(results))
     print(f"\nfinal test accuracy {final['test_accuracy']:.4f} (loss {final['test_loss']:.4f}) after "
           f"{final['round']} rounds; wall time {wall:.1f} s; results in {out_dir}")
+    for line in failure_summary(results):
+        print(line, file=sys.stderr)
     return results
 
 

@@ -22,10 +22,16 @@ they need from the ConfigRecord of every message (:func:`simulations.client_app.
 
 Strategies
 ----------
-:data:`STRATEGIES` maps a name to a factory ``(config dict) -> flwr.serverapp.strategy.Strategy``.
-A fedmerge strategy subclasses Flower's ``FedAvg`` and overrides ``aggregate_train`` (sampling,
-message construction and client evaluation stay FedAvg's); register it with
-``@register_strategy("name")`` on a factory that calls ``MyStrategy(**fedavg_kwargs(config))``.
+:data:`STRATEGIES` is :data:`strategies.STRATEGIES`: Flower's own ``FedAvg`` (the baseline) and the
+fedmerge strategies (``git-rebasin``, ``mergemany``, ``c2m3``), which subclass it and merge with
+``fedmerge.merge``.  :func:`make_strategy` builds one from the run configuration.
+
+Failed clients
+--------------
+A client whose reply is an error or malformed is left out of the round and recorded in
+``results.json`` (``failures``: round, node, partition, reason); a round without any usable
+update keeps the previous global model (``global_model_kept``).  ``stop-on-failure`` turns the
+first failure into an error that stops the run instead.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
@@ -45,10 +51,13 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 from fedmerge.data import load_dataset
 from fedmerge.training import evaluate, resolve_device
 
+from strategies import STRATEGIES, MergingStrategy
+from strategies.replies import LeftOut, error_reason, split_evaluate_replies
+
 from .client_app import ClientConfig, build_global_model, config_record, used_test_indices
 
 __all__ = ["CONFIG_ENV", "SERVER_DEFAULTS", "STRATEGIES", "RunRecorder", "app", "fedavg_kwargs",
-           "load_config", "make_strategy", "register_strategy"]
+           "load_config", "make_strategy"]
 
 #: Key of the client's partition id in its reply MetricRecord.
 PARTITION_KEY = "partition-id"
@@ -64,22 +73,11 @@ SERVER_DEFAULTS: dict[str, Any] = {
     "fraction-evaluate": 1.0,     # fraction of clients asked to evaluate the global model each round
     "out": "runs/simulation",
     "progress": True,             # tqdm bar over rounds
-    "allow-failures": False,      # False: any failed client reply aborts the run
+    "stop-on-failure": False,     # True: the first failed or malformed client reply stops the run
+    "max-iter": 0,                # matching iterations per round (0: the strategy's default)
     "round-timeout": 3600.0,      # seconds to wait for the replies of one round
 }
 
-StrategyFactory = Callable[[Mapping[str, Any]], Strategy]
-
-#: Strategy name -> factory taking the run configuration.  Only FedAvg for now.
-STRATEGIES: dict[str, StrategyFactory] = {}
-
-
-def register_strategy(name: str) -> Callable[[StrategyFactory], StrategyFactory]:
-    """Decorator adding a strategy factory to :data:`STRATEGIES` under ``name``."""
-    def deco(factory: StrategyFactory) -> StrategyFactory:
-        STRATEGIES[name] = factory
-        return factory
-    return deco
 
 
 def fedavg_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -98,18 +96,21 @@ def fedavg_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-@register_strategy("fedavg")
-def _fedavg(config: Mapping[str, Any]) -> Strategy:
-    return FedAvg(**fedavg_kwargs(config))
-
-
 def make_strategy(config: Mapping[str, Any]) -> Strategy:
+    """The configured strategy: Flower's FedAvg, or a fedmerge strategy given the model's architecture."""
     name = config["strategy"]
     try:
-        factory = STRATEGIES[name]
+        cls = STRATEGIES[name]
     except KeyError:
-        raise ValueError(f"unknown strategy {name!r}; registered: {', '.join(sorted(STRATEGIES))}") from None
-    return factory(config)
+        raise ValueError(f"unknown strategy {name!r}; choose one of {', '.join(sorted(STRATEGIES))}") from None
+    kwargs = fedavg_kwargs(config)
+    if issubclass(cls, MergingStrategy):
+        cfg = ClientConfig.from_mapping(config)
+        kwargs["model"] = build_global_model(cfg)  # zoo models carry their hand-written spec
+        kwargs["device"] = cfg.device
+        if int(config.get("max-iter", 0)) > 0:
+            kwargs["max_iter"] = int(config["max-iter"])
+    return cls(**kwargs)
 
 
 def load_config(context: Context | None = None) -> dict[str, Any]:
@@ -136,18 +137,6 @@ def load_config(context: Context | None = None) -> dict[str, Any]:
 # ------------------------------------------------------------------------ recording
 
 
-def _reason(text: str | None) -> str:
-    """The client's own message from a Simulation Engine error reply.
-
-    Such replies read ``"<class '...ClientAppException'>:<'\\nException ClientAppException
-    occurred. Message: <the client's message>'>"``.
-    """
-    lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
-    last = lines[-1] if lines else "no reason given"
-    last = last[: -len("'>")] if last.endswith("'>") else last
-    return last.split("occurred. Message: ", 1)[-1]
-
-
 def _json_float(x: Any) -> Any:
     if isinstance(x, float) and not math.isfinite(x):
         return None
@@ -171,7 +160,9 @@ class RunRecorder:
         self.ckpt_dir = out_dir / "checkpoints"
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         self.num_rounds = int(config["num-rounds"])
-        self.allow_failures = bool(config.get("allow-failures", False))
+        self.stop_on_failure = bool(config.get("stop-on-failure", False))
+        self.failures: list[dict[str, Any]] = []
+        self._partition_of: dict[int, int] = {}  # node id -> partition id, learnt from replies
         self.device = device if device is not None else resolve_device(
             None if self.client_cfg.device == "auto" else self.client_cfg.device)
         cfg = self.client_cfg
@@ -194,15 +185,26 @@ class RunRecorder:
     def _round(self, server_round: int) -> dict[str, Any]:
         return self.rounds.setdefault(server_round, {"round": server_round})
 
-    def _check_replies(self, server_round: int, replies: list[Message], phase: str) -> None:
-        failed = [m for m in replies if m.has_error()]
+    def _learn_partitions(self, replies: Iterable[Message]) -> None:
+        for msg in replies:
+            if not msg.has_error():
+                for record in msg.content.metric_records.values():
+                    if PARTITION_KEY in record:
+                        self._partition_of[int(msg.metadata.src_node_id)] = int(record[PARTITION_KEY])
+
+    def _record_failures(self, server_round: int, phase: str, left_out: list[LeftOut]) -> None:
+        """Keep left-out clients in results.json; raise if ``stop-on-failure`` is set."""
         rec = self._round(server_round)
-        rec[f"{phase}_replies"] = len(replies)
-        rec[f"{phase}_failures"] = len(failed)
-        if failed and (not self.allow_failures or len(failed) == len(replies)):
-            reasons = "; ".join(sorted({_reason(m.error.reason) for m in failed}))
-            raise RuntimeError(f"round {server_round}: {len(failed)} of {len(replies)} {phase} replies "
-                               f"failed: {reasons or 'no reason given'}")
+        rec[f"{phase}_failures"] = len(left_out)
+        for item in left_out:
+            entry = {"round": server_round, "phase": phase, "node_id": item.node_id,
+                     "partition_id": self._partition_of.get(item.node_id), "reason": item.reason}
+            rec.setdefault("failures", []).append(entry)
+            self.failures.append(entry)
+        if left_out and self.stop_on_failure:
+            reasons = "; ".join(sorted({item.reason for item in left_out}))
+            raise RuntimeError(f"round {server_round}: {len(left_out)} {phase} replies failed "
+                               f"(stop-on-failure is set): {reasons}")
 
     @staticmethod
     def _ordered(replies: Iterable[Message]) -> list[Message]:
@@ -232,23 +234,32 @@ class RunRecorder:
 
         def timed_aggregate_train(server_round: int, replies: Iterable[Message]):
             replies = self._ordered(replies)
-            self._check_replies(server_round, replies, "train")
+            self._learn_partitions(replies)
+            rec = self._round(server_round)
+            rec["train_replies"] = len(replies)
             t0 = time.perf_counter()
             arrays, metrics = aggregate_train(server_round, replies)
-            metrics = self._without_partition_id(metrics)
-            rec = self._round(server_round)
             rec["aggregation_seconds"] = time.perf_counter() - t0
-            if arrays is None:
-                raise RuntimeError(f"round {server_round}: the strategy produced no global model")
+            if isinstance(strategy, MergingStrategy):
+                left_out = strategy.left_out.get(server_round, [])
+            else:  # Flower's FedAvg skips error replies (and raises on malformed ones)
+                left_out = [LeftOut(int(m.metadata.src_node_id), error_reason(m)) for m in replies if m.has_error()]
+            self._record_failures(server_round, "train", left_out)
+            metrics = self._without_partition_id(metrics)
             for key, value in (metrics or {}).items():
-                rec[key] = value
+                rec[key] = value  # a strategy's own aggregation_seconds (measured inside) wins
+            if arrays is None:
+                rec["global_model_kept"] = True
             return arrays, metrics
 
         def recorded_aggregate_evaluate(server_round: int, replies: Iterable[Message]):
             replies = self._ordered(replies)
-            self._check_replies(server_round, replies, "evaluate")
-            metrics = self._without_partition_id(aggregate_evaluate(server_round, replies))
+            self._learn_partitions(replies)
             rec = self._round(server_round)
+            rec["evaluate_replies"] = len(replies)
+            _, left_out = split_evaluate_replies(replies, weight_key=getattr(strategy, "weighted_by_key", "num-examples"))
+            self._record_failures(server_round, "evaluate", left_out)
+            metrics = self._without_partition_id(aggregate_evaluate(server_round, replies))
             for key, value in (metrics or {}).items():
                 rec[f"client_{key}"] = value  # client_eval_loss, client_eval_accuracy
             return metrics
@@ -288,6 +299,12 @@ class RunRecorder:
             "client_eval/accuracy": rec.get("client_eval_accuracy"),
             "time/aggregation_seconds": rec.get("aggregation_seconds"),
             "time/round_seconds": rec.get("round_seconds") if server_round > 0 else None,
+            "match/objective": rec.get("match_objective"),
+            "match/iterations": rec.get("match_iterations"),
+            "match/cycle_error": rec.get("match_cycle_error"),
+            "match/seconds": rec.get("match_seconds"),
+            "clients/merged": rec.get("clients_merged"),
+            "clients/train_failures": rec.get("train_failures"),
         }
         for tag, value in scalars.items():
             if isinstance(value, (int, float)):
@@ -315,6 +332,7 @@ class RunRecorder:
             "num_test_samples": int(self.test_labels.shape[0]),
             "initial": {"test_accuracy": initial.get("test_accuracy"), "test_loss": initial.get("test_loss")},
             "rounds": rounds,
+            "failures": self.failures,
             "final": {
                 "round": last.get("round", 0),
                 "test_accuracy": last.get("test_accuracy"),

@@ -9,10 +9,7 @@ import torch
 
 import fedmerge
 from fedmerge import apply_permutation, compose_permutations, invert_permutation, random_permutation
-from fedmerge.data import load_dataset
 from fedmerge.models import MLP, SmallCNN, ResNet20
-from fedmerge.training import train
-
 
 
 def _outputs(model: torch.nn.Module, state_dict, x):
@@ -20,22 +17,6 @@ def _outputs(model: torch.nn.Module, state_dict, x):
     model.eval()
     with torch.no_grad():
         return model(x)
-
-
-@pytest.fixture(scope="module")
-def mnist_subset():
-    ds = load_dataset("mnist")
-    return ds.images[:3000], ds.labels[:3000]
-
-
-@pytest.fixture(scope="module")
-def trained_mlp(mnist_subset):
-    """A small MLP really trained on MNIST: its units are distinct, as in the paper's setting."""
-    images, labels = mnist_subset
-    torch.manual_seed(0)
-    model = MLP(widths=(64, 128, 64))
-    train(model, images, labels, epochs=1, batch_size=64, lr=0.05, seed=0, device="cpu")
-    return model
 
 
 def _random_models(make, count, seed=0):

@@ -56,7 +56,7 @@ def _best_step(poly: np.ndarray) -> tuple[float, float]:
 
 def frank_wolfe_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec: PermutationSpec, *,
                          max_iter: int = 200, tol: float = 1e-6, patience: int = 5,
-                         factorize: bool | None = None, refine: bool = False, seed: int | None = 0,
+                         factorize: bool | None = None, refine: bool | int = False, seed: int | None = 0,
                          progress: bool = False) -> dict:
     """Match ``n >= 2`` models into a common space with C²M³'s Frank-Wolfe (Algorithm 1).
 
@@ -74,8 +74,8 @@ def frank_wolfe_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec
         ``n == 2``, universe factorisation for ``n >= 3``.  ``True`` factorises for ``n == 2`` too.
     refine:
         Not in the paper: after rounding, polish the permutations by MergeMany sweeps started from
-        them (each model re-matched to the sum of the others until no permutation changes; ``seed``
-        orders them).  Every step raises the same objective and keeps the maps factorised, so
+        them (each model re-matched to the sum of the others until no permutation changes, or for
+        at most ``refine`` sweeps when it is an integer; ``seed`` orders them).  Every step raises the same objective and keeps the maps factorised, so
         cycle consistency is kept.  Measured on 20 MNIST MLPs (BENCHMARKS.md), 30 Frank-Wolfe
         iterations plus refinement come within 0.001% of the full run's objective in half its time.
 
@@ -189,7 +189,8 @@ def frank_wolfe_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec
     perms = unstack_permutations(hard)
     if refine:
         from .mergemany import merge_many_matching
-        polished = merge_many_matching(state_dicts, spec, init=perms, seed=seed, progress=progress)
+        sweeps = 100 if refine is True else int(refine)
+        polished = merge_many_matching(state_dicts, spec, init=perms, max_iter=sweeps, seed=seed, progress=progress)
         perms = polished["perms"]
         if not factorize:  # keep the first model's space as the common one
             from ..permutation import compose_permutations, invert_permutation

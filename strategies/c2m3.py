@@ -1,0 +1,47 @@
+"""C²M³ strategy: merge the clients' models in a cycle-consistent universe (Frank-Wolfe).
+
+Every client's model is mapped into one shared "universe" space by C²M³'s Frank-Wolfe matching
+(``fedmerge.match(method="c2m3")``); the sample-count weighted mean is taken there.  Because
+all maps go through the universe, the alignment of any two clients is consistent with every
+third one, and no client is privileged as the reference.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .merging_strategy import MergingStrategy
+
+__all__ = ["C2M3"]
+
+
+class C2M3(MergingStrategy):
+    """Flower ``FedAvg`` aggregating with ``fedmerge.merge(align="c2m3")``.
+
+    Parameters
+    ----------
+    max_iter:
+        Frank-Wolfe iterations per round.  The paper runs up to 200 with a 1e-6 tolerance, which
+        for 20 MNIST MLPs costs about two minutes on a 2-core CPU; a server merging every round
+        needs less: 20 iterations reach ~97% of the converged objective on trained MLPs (see
+        BENCHMARKS.md) and models that start from one global model need only a few.
+    tol, patience:
+        Stop earlier when the objective improves by less than ``tol`` (relative) for ``patience``
+        iterations in a row.
+    refine:
+        MergeMany sweeps polishing the Frank-Wolfe permutations (``True``: until none changes;
+        ``0``/``False``: the paper's algorithm alone).  Not in the paper.  The default, one sweep,
+        unsticks Frank-Wolfe where it stalls between symmetric alignments: on 4 or 8 permuted
+        copies of one trained MLP, Frank-Wolfe alone recovered the common model in 0 of 6 trials,
+        with one sweep in 6 of 6; on 20 independently initialised MNIST clients it adds ~3 s to
+        ~17 s.
+    spec, model, device, **fedavg_kwargs:
+        As :class:`~strategies.merging_strategy.MergingStrategy`.
+    """
+
+    align = "c2m3"
+
+    def __init__(self, *, max_iter: int = 20, tol: float = 1e-6, patience: int = 5, refine: bool | int = 1,
+                 **kwargs: Any) -> None:
+        super().__init__(match_options={"max_iter": max_iter, "tol": tol, "patience": patience,
+                                        "refine": refine}, **kwargs)

@@ -1,0 +1,128 @@
+"""Sorting client replies into usable updates and left-out clients, each with a reason.
+
+Flower's own ``FedAvg`` checks replies as a whole and raises ``InconsistentMessageReplies`` when any
+one of them is malformed, which stops the run.  A merging server must be stricter about content
+(a NaN weight or a wrong shape silently poisons every merge) and more forgiving about the round: a
+bad update is left out, with its reason, and the others are merged.  :func:`split_train_replies`
+and :func:`split_evaluate_replies` do that judging; the strategies only act on the verdicts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+import torch
+from flwr.app import Message, MetricRecord, RecordDict
+
+from fedmerge.validation import check_like
+
+__all__ = ["ClientUpdate", "LeftOut", "error_reason", "split_evaluate_replies", "split_train_replies"]
+
+
+@dataclass
+class ClientUpdate:
+    """A client's accepted training reply: its weights (converted once) and its sample count."""
+
+    node_id: int
+    state_dict: dict[str, torch.Tensor]
+    num_examples: float
+    content: RecordDict = field(repr=False)
+
+
+@dataclass(frozen=True)
+class LeftOut:
+    """A client whose reply was not used this round, and why."""
+
+    node_id: int
+    reason: str
+
+    def as_dict(self) -> dict[str, object]:
+        return {"node_id": self.node_id, "reason": self.reason}
+
+
+def error_reason(msg: Message) -> str:
+    """The client's own message from an error reply.
+
+    The Simulation Engine wraps a ClientApp exception as ``"<class '...ClientAppException'>:<'\\n
+    Exception ClientAppException occurred. Message: <the client's message>'>"``; a deployment's
+    error replies carry plain text.  Either way the last meaningful line is returned.
+    """
+    lines = [ln.strip() for ln in (msg.error.reason or "").splitlines() if ln.strip()]
+    last = lines[-1] if lines else "no reason given"
+    last = last[: -len("'>")] if last.endswith("'>") else last
+    return f"client error: {last.split('occurred. Message: ', 1)[-1]}"
+
+
+def _weight(content: RecordDict, weight_key: str) -> tuple[MetricRecord | None, float | str]:
+    """(the MetricRecord, the sample count) of a reply, or (None, a reason) when unusable."""
+    records = list(content.metric_records.values())
+    if len(records) != 1:
+        return None, f"expected exactly one MetricRecord, got {len(records)}"
+    value = records[0].get(weight_key)
+    if value is None:
+        return None, f"its MetricRecord has no {weight_key!r} (the sample count that weights the merge)"
+    if isinstance(value, list) or not math.isfinite(float(value)):
+        return None, f"{weight_key!r} must be one finite number, got {value!r}"
+    if float(value) <= 0:
+        return None, f"{weight_key!r} must be positive, got {value!r}"
+    return records[0], float(value)
+
+
+def split_evaluate_replies(replies: Iterable[Message], *, weight_key: str = "num-examples"
+                           ) -> tuple[list[Message], list[LeftOut]]:
+    """Evaluation replies that carry one MetricRecord with a positive ``weight_key``, and the rest."""
+    usable: list[Message] = []
+    left_out: list[LeftOut] = []
+    for msg in replies:
+        node = int(msg.metadata.src_node_id)
+        if msg.has_error():
+            left_out.append(LeftOut(node, error_reason(msg)))
+            continue
+        record, weight = _weight(msg.content, weight_key)
+        if record is None:
+            left_out.append(LeftOut(node, str(weight)))
+        else:
+            usable.append(msg)
+    return usable, left_out
+
+
+def split_train_replies(replies: Iterable[Message], reference: Mapping[str, torch.Tensor] | None = None, *,
+                        weight_key: str = "num-examples") -> tuple[list[ClientUpdate], list[LeftOut]]:
+    """Training replies that can be merged, and the clients left out with the reason.
+
+    A reply is used when it is not an error, carries exactly one ArrayRecord and one MetricRecord,
+    its sample count ``weight_key`` is one positive finite number, and its weights have the
+    ``reference``'s keys, shapes and dtype kinds with only finite values.  ``reference`` is the
+    global model the server sent; without one, the first well-formed reply serves.  Each
+    ArrayRecord is converted to tensors exactly once (every conversion copies).  Order is kept.
+    """
+    updates: list[ClientUpdate] = []
+    left_out: list[LeftOut] = []
+    for msg in replies:
+        node = int(msg.metadata.src_node_id)
+        if msg.has_error():
+            left_out.append(LeftOut(node, error_reason(msg)))
+            continue
+        arrays = list(msg.content.array_records.values())
+        if len(arrays) != 1:
+            left_out.append(LeftOut(node, f"expected exactly one ArrayRecord, got {len(arrays)}"))
+            continue
+        record, weight = _weight(msg.content, weight_key)
+        if record is None:
+            left_out.append(LeftOut(node, str(weight)))
+            continue
+        try:
+            state_dict = arrays[0].to_torch_state_dict()
+            if reference is None:
+                check_like(state_dict, state_dict, name="update")  # finiteness only
+            else:
+                check_like(state_dict, reference, name="update", reference_name="the global model")
+        except (ValueError, TypeError, RuntimeError) as exc:
+            left_out.append(LeftOut(node, str(exc)))
+            continue
+        if reference is None:
+            reference = state_dict
+        updates.append(ClientUpdate(node, state_dict, float(weight), msg.content))
+    return updates, left_out

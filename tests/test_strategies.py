@@ -1,0 +1,178 @@
+"""The Flower strategies on hand-made client replies: faithful merges, weights, and bad replies left out."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, Error, Message, Metadata, MetricRecord, RecordDict
+from flwr.serverapp.exception import InconsistentMessageReplies
+
+import fedmerge
+from fedmerge import apply_permutation, random_permutation
+from fedmerge.models import MLP
+from strategies import C2M3, STRATEGIES, FedAvg, GitRebasin, MergeMany, MergingStrategy
+
+MERGING = [GitRebasin, MergeMany, C2M3]
+
+
+def _metadata(node: int) -> Metadata:
+    return Metadata(run_id=1, message_id=f"reply-{node}", src_node_id=node, dst_node_id=0,
+                    reply_to_message_id=f"ins-{node}", group_id="1", created_at=time.time(), ttl=3600.0,
+                    message_type="train")
+
+
+def _reply(node: int, state_dict=None, num_examples=100, *, metrics=None, arrays=None) -> Message:
+    """A client's reply as the SuperLink delivers it: weights + a MetricRecord with the sample count."""
+    content = RecordDict()
+    if arrays is not None:
+        for i, a in enumerate(arrays):
+            content[f"arrays{i}"] = a
+    elif state_dict is not None:
+        content["arrays"] = ArrayRecord({k: v.detach().clone() for k, v in state_dict.items()})
+    record = {"train_loss": 0.1 * node, "train_accuracy": 0.9}
+    if num_examples is not None:
+        record["num-examples"] = num_examples
+    content["metrics"] = MetricRecord(record if metrics is None else metrics)
+    return Message(content, metadata=_metadata(node))
+
+
+def _error_reply(node: int, reason: str) -> Message:
+    return Message(error=Error(code=1, reason=reason), metadata=_metadata(node))
+
+
+def _outputs(state_dict, x):
+    model = MLP(widths=(64, 128, 64))
+    model.load_state_dict(state_dict)
+    model.eval()
+    with torch.no_grad():
+        return model(x)
+
+
+@pytest.mark.parametrize("cls", MERGING, ids=lambda c: c.__name__)
+def test_permuted_copies_aggregate_back_to_the_model(cls, trained_mlp, mnist_subset):
+    spec = trained_mlp.permutation_spec()
+    base = trained_mlp.state_dict()
+    copies = [base] + [apply_permutation(base, spec, random_permutation(spec, 10 + i)) for i in range(3)]
+    strategy = cls(model=trained_mlp, device="cpu")
+    replies = [_reply(node, sd, num_examples=50 * (node + 1)) for node, sd in enumerate(copies)]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    x = mnist_subset[0][:256]
+    torch.testing.assert_close(_outputs(arrays.to_torch_state_dict(), x), _outputs(base, x), atol=1e-5, rtol=0)
+    assert metrics["clients_merged"] == 4 and metrics["clients_left_out"] == 0
+    assert metrics["match_cycle_error"] == 0.0 and metrics["match_iterations"] >= 1
+    assert metrics["aggregation_seconds"] > 0 and metrics["match_seconds"] > 0
+    assert metrics["match_objective"] > 0 and metrics["match_converged"] in (0, 1)
+    # the clients' own metrics, weighted by their sample counts (50, 100, 150, 200)
+    assert metrics["train_loss"] == pytest.approx(sum(0.1 * n * 50 * (n + 1) for n in range(4)) / 500)
+    assert strategy.left_out == {} and strategy.last_result.n_models == 4
+
+
+@pytest.mark.parametrize("cls", MERGING, ids=lambda c: c.__name__)
+def test_sample_counts_weight_the_merge(cls):
+    torch.manual_seed(0)
+    models = [MLP(input_shape=(12,), widths=(6, 5), num_classes=3).state_dict() for _ in range(3)]
+    spec = MLP(input_shape=(12,), widths=(6, 5), num_classes=3).permutation_spec()
+    counts = [10, 1, 30]
+    strategy = cls(spec=spec, device="cpu")
+    arrays, _ = strategy.aggregate_train(1, [_reply(n, sd, c) for n, (sd, c) in enumerate(zip(models, counts))])
+    expected = fedmerge.merge(models, align=cls.align, weights=counts, spec=spec, **strategy.match_options)
+    got = arrays.to_torch_state_dict()
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, atol=1e-6, rtol=0)
+    uniform = fedmerge.merge(models, align=cls.align, spec=spec, **strategy.match_options)
+    assert not torch.allclose(got["layers.0.weight"], uniform["layers.0.weight"])
+
+
+def _bad_replies(base: dict) -> list[tuple[Message, str]]:
+    """One malformed reply per way a client can go wrong, with a fragment of the expected reason."""
+    key = "layers.0.weight"
+    nan = {k: v.clone() for k, v in base.items()}
+    nan[key][0, 0] = float("nan")
+    inf = {k: v.clone() for k, v in base.items()}
+    inf["layers.0.bias"][1] = float("inf")
+    wrong_shape = {**base, key: base[key][:, :-1]}
+    missing = {k: v for k, v in base.items() if k != key}
+    extra = {**base, "head.extra": torch.zeros(3)}
+    int_weights = {**base, key: base[key].to(torch.int64)}
+    return [
+        (_error_reply(10, "Exception ClientAppException occurred. Message: CUDA out of memory"),
+         "client error: CUDA out of memory"),
+        (_reply(11, nan), "contains NaN"),
+        (_reply(12, inf), "contains Inf"),
+        (_reply(13, wrong_shape), "has shape"),
+        (_reply(14, missing), "is missing"),
+        (_reply(15, extra), "unexpected key 'head.extra'"),
+        (_reply(16, int_weights), "dtype"),
+        (_reply(17, base, num_examples=0), "must be positive"),
+        (_reply(18, base, num_examples=-5), "must be positive"),
+        (_reply(19, base, num_examples=None), "has no 'num-examples'"),
+        (_reply(20, base, num_examples=float("nan")), "one finite number"),
+        (_reply(21, base, metrics={"num-examples": [1, 2]}), "one finite number"),
+        (_reply(22, arrays=[ArrayRecord(base), ArrayRecord(base)]), "exactly one ArrayRecord"),
+        (_reply(23, arrays=[]), "exactly one ArrayRecord, got 0"),
+    ]
+
+
+@pytest.mark.parametrize("cls", MERGING, ids=lambda c: c.__name__)
+def test_malformed_replies_are_left_out_with_their_reason(cls, trained_mlp, mnist_subset):
+    spec = trained_mlp.permutation_spec()
+    base = {k: v.clone() for k, v in trained_mlp.state_dict().items()}
+    good = [_reply(0, base), _reply(1, apply_permutation(base, spec, random_permutation(spec, 1)))]
+    bad = _bad_replies(base)
+    strategy = cls(spec=spec, device="cpu")
+    arrays, metrics = strategy.aggregate_train(3, good[:1] + [m for m, _ in bad] + good[1:])
+    x = mnist_subset[0][:256]
+    torch.testing.assert_close(_outputs(arrays.to_torch_state_dict(), x), _outputs(base, x), atol=1e-5, rtol=0)
+    assert metrics["clients_merged"] == 2 and metrics["clients_left_out"] == len(bad)
+    left = {item.node_id: item.reason for item in strategy.left_out[3]}
+    assert sorted(left) == [m.metadata.src_node_id for m, _ in bad]
+    for msg, fragment in bad:
+        assert fragment in left[msg.metadata.src_node_id], (fragment, left[msg.metadata.src_node_id])
+
+
+def test_a_round_without_usable_updates_keeps_the_global_model(trained_mlp):
+    base = trained_mlp.state_dict()
+    strategy = C2M3(model=trained_mlp, device="cpu")
+    bad = _bad_replies(base)
+    arrays, metrics = strategy.aggregate_train(2, [bad[i][0] for i in (0, 1, 2, 7)])
+    assert arrays is None  # Flower's start() keeps the previous global model
+    assert metrics["clients_merged"] == 0 and metrics["clients_left_out"] == 4
+    arrays, metrics = strategy.aggregate_train(3, [])
+    assert arrays is None and metrics["clients_merged"] == 0 and metrics["clients_left_out"] == 0
+
+
+def test_flower_fedavg_stops_on_what_fedmerge_leaves_out(trained_mlp):
+    """The contrast the strategies exist for: Flower's own FedAvg raises on one malformed reply."""
+    base = trained_mlp.state_dict()
+    replies = [_reply(0, base), _reply(1, base, num_examples=None)]
+    with pytest.raises(InconsistentMessageReplies):
+        FedAvg().aggregate_train(1, replies)
+    arrays, metrics = GitRebasin(model=trained_mlp, device="cpu").aggregate_train(1, replies)
+    assert arrays is not None and metrics["clients_left_out"] == 1
+
+
+def test_malformed_evaluation_replies_are_left_out():
+    replies = [_reply(0, None, 30, metrics={"num-examples": 30, "eval_accuracy": 0.5}),
+               _reply(1, None, 10, metrics={"num-examples": 10, "eval_accuracy": 0.9}),
+               _reply(2, None, None, metrics={"eval_accuracy": 1.0}),
+               _error_reply(3, "boom")]
+    with pytest.raises(InconsistentMessageReplies):
+        FedAvg().aggregate_evaluate(1, replies[:3])
+    metrics = C2M3(spec=MLP(widths=(4,)).permutation_spec()).aggregate_evaluate(1, replies)
+    assert metrics["eval_accuracy"] == pytest.approx((30 * 0.5 + 10 * 0.9) / 40)
+    assert C2M3(spec=MLP(widths=(4,)).permutation_spec()).aggregate_evaluate(1, replies[2:]) is None
+
+
+def test_construction_errors_and_registry():
+    with pytest.raises(ValueError, match="needs the model's symmetry"):
+        C2M3()
+    with pytest.raises(TypeError, match="PermutationSpec"):
+        MergeMany(spec={"layers.0": 4})
+    strategy = C2M3(model=MLP(widths=(4,)), max_iter=7, fraction_train=0.5, min_available_nodes=3)
+    assert strategy.match_options["max_iter"] == 7 and strategy.fraction_train == 0.5
+    assert strategy.min_available_nodes == 3 and isinstance(strategy, FedAvg)
+    assert set(STRATEGIES) == {"fedavg", "git-rebasin", "mergemany", "c2m3"}
+    assert all(issubclass(STRATEGIES[name], MergingStrategy) and STRATEGIES[name].align == name
+               for name in ("git-rebasin", "mergemany", "c2m3"))
