@@ -23,6 +23,7 @@ if str(ROOT) not in sys.path:  # `simulations` is not installed: import it from 
 from simulations import run  # noqa: E402
 from simulations.client_app import ClientConfig, build_global_model, config_record, used_test_indices  # noqa: E402
 from simulations.server_app import STRATEGIES, make_strategy  # noqa: E402
+from strategies import C2M3, FedAvg  # noqa: E402
 
 CLIENTS, ROUNDS, TRAIN, TEST = 4, 2, 4000, 1000
 
@@ -105,32 +106,10 @@ def test_tensorboard_scalars(simulation):
 
 def test_terminal_output(simulation):
     _, results, proc = simulation
+    assert "warning:" not in proc.stderr  # no client was left out
     assert "run_simulation on purpose" in proc.stdout and "flwr run ." in proc.stdout
     assert "DEPRECATED FEATURE" not in proc.stdout + proc.stderr
     assert "test acc" in proc.stdout and f"final test accuracy {results['final']['test_accuracy']:.4f}" in proc.stdout
-
-
-_FAILING_RUN = """
-import json, os, sys
-sys.path.insert(0, sys.argv[1])
-from flwr.simulation import run_simulation
-from simulations import client_app, server_app
-os.environ[server_app.CONFIG_ENV] = json.dumps({
-    "num-clients": 2, "num-rounds": 1, "init": "independent", "max-train-samples": 400,
-    "max-test-samples": 100, "out": sys.argv[2], "progress": False, "threads": 1})
-run_simulation(server_app=server_app.app, client_app=client_app.app, num_supernodes=2,
-               backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
-"""
-
-
-def test_client_failure_aborts_the_run_with_its_message(tmp_path):
-    """Flower's FedAvg would skip a round whose clients all failed and carry on; ours stops."""
-    proc = subprocess.run([sys.executable, "-c", _FAILING_RUN, str(ROOT), str(tmp_path / "fail")], cwd=ROOT,
-                          env=_env(), capture_output=True, text=True, timeout=180)
-    assert proc.returncode != 0
-    assert "RuntimeError: round 1: 2 of 2 train replies failed: init 'independent'" in proc.stderr, proc.stderr[-3000:]
-    results = json.loads((tmp_path / "fail" / "results.json").read_text())
-    assert results["complete"] is False and results["rounds"] == []
 
 
 # ------------------------------------------------------------------------- fast tests
@@ -146,7 +125,8 @@ def test_client_failure_aborts_the_run_with_its_message(tmp_path):
     (["--lr", "nan"], "--lr"),
     (["--widths", "64,x"], "--widths"),
     (["--width", "0.5"], "--width applies"),
-    (["--init", "independent"], "not supported yet"),
+    (["--strategy", "fedavg", "--max-iter", "3"], "--max-iter"),
+    (["--max-iter", "-2"], "--max-iter"),
     (["--dataset", "cifar10"], "--data-dir"),
     (["--dataset", "fashion-mnist", "--data-dir", "/nonexistent"], "missing"),
     (["--cpus-per-client", "4096"], "--cpus-per-client"),
@@ -170,11 +150,15 @@ def test_bad_input_from_the_command_line():
 
 
 def test_strategy_registry_and_client_config():
-    assert "fedavg" in STRATEGIES
+    assert set(STRATEGIES) == {"fedavg", "git-rebasin", "mergemany", "c2m3"}
     base = {"strategy": "fedavg", "num-clients": 10, "fraction": 0.3, "fraction-evaluate": 0.0}
     strategy = make_strategy(base)
-    assert type(strategy).__name__ == "FedAvg" and strategy.fraction_train == 0.3
+    assert type(strategy) is FedAvg and strategy.fraction_train == 0.3  # Flower's own, the baseline
     assert strategy.min_available_nodes == 10
+    c2m3 = make_strategy({**base, "strategy": "c2m3", "max-iter": 7, "model": "mlp", "device": "cpu"})
+    assert isinstance(c2m3, C2M3) and c2m3.match_options["max_iter"] == 7 and c2m3.fraction_train == 0.3
+    assert c2m3.spec == build_global_model(ClientConfig.from_mapping(base)).permutation_spec()
+    assert make_strategy({**base, "strategy": "mergemany"}).match_options["max_iter"] == 5  # its default
     with pytest.raises(ValueError, match="unknown strategy"):
         make_strategy({**base, "strategy": "nope"})
     record = config_record({"model": "mlp", "model-kwargs": '{"widths": [8]}', "seed": 4, "other": 1})
@@ -183,3 +167,18 @@ def test_strategy_registry_and_client_config():
     assert cfg.kwargs() == {"widths": [8]} and hash(cfg) == hash(ClientConfig.from_mapping(dict(record)))
     with pytest.raises(ValueError, match="init"):
         ClientConfig.from_mapping({"init": "random"})
+
+
+def test_table_and_warnings_show_left_out_clients():
+    results = {"initial": {"test_accuracy": 0.1, "test_loss": 2.3},
+               "rounds": [{"round": 1, "test_accuracy": 0.8, "train_replies": 4, "clients_merged": 3,
+                           "match_iterations": 12, "aggregation_seconds": 1.5},
+                          {"round": 2, "test_accuracy": 0.8, "train_replies": 4, "clients_merged": 0,
+                           "global_model_kept": True}],
+               "failures": [{"reason": "client error: boom"}] + [{"reason": "update: key 'w' contains NaN values"}] * 4}
+    table = run.format_table(results)
+    assert "3/4" in table and "0/4" in table and "12" in table
+    lines = run.failure_summary(results)
+    assert lines[0].startswith("warning: 5 client replies were left out (2 distinct reasons")
+    assert "round(s) 2" in lines[1]
+    assert run.failure_summary({"rounds": [{"round": 1}], "failures": []}) == []

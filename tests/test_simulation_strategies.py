@@ -1,0 +1,86 @@
+"""The fedmerge strategies through Flower's real Simulation Engine (Ray): one process, several runs.
+
+The module fixture runs, in one subprocess (Python and Flower imported once; Ray starts per run),
+a 2-round simulation with 4 clients on an MNIST subset for each merging strategy, under
+``init "independent"`` (round 1 merges independently initialised models: the setting alignment
+is for), plus a C²M³ run whose ClientApp has a crashing client and a client sending NaN weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CLIENTS, ROUNDS = 4, 2
+MERGING = ("git-rebasin", "mergemany", "c2m3")
+
+_RUNS = """
+import json, os, sys
+root, out = sys.argv[1], sys.argv[2]
+sys.path.insert(0, root)
+from flwr.simulation import run_simulation
+from simulations import client_app, server_app
+from tests import faulty_client_app
+
+runs = [(name, client_app.app, {{}}) for name in {merging!r}]
+runs.append(("faulty", faulty_client_app.app, {{"strategy": "c2m3"}}))
+for name, app, extra in runs:
+    config = {{"strategy": name, "num-clients": {clients}, "num-rounds": {rounds}, "init": "independent",
+              "max-train-samples": 4000, "max-test-samples": 1000, "local-epochs": 2, "seed": 5,
+              "out": os.path.join(out, name), "progress": False, "threads": 1, **extra}}
+    os.environ[server_app.CONFIG_ENV] = json.dumps(config)
+    run_simulation(server_app=server_app.app, client_app=app, num_supernodes={clients},
+                   backend_config={{"client_resources": {{"num_cpus": 1, "num_gpus": 0.0}}}})
+""".format(merging=MERGING, clients=CLIENTS, rounds=ROUNDS)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("strategies")
+    env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="1")
+    env.pop("FEDMERGE_SIM_CONFIG", None)
+    proc = subprocess.run([sys.executable, "-c", _RUNS, str(ROOT), str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"simulations failed ({proc.returncode}):\n{proc.stderr[-6000:]}"
+    return {name: json.loads((out / name / "results.json").read_text())
+            for name in (*MERGING, "faulty")}, proc
+
+
+@pytest.mark.parametrize("strategy", MERGING)
+def test_each_strategy_runs_on_the_simulation_engine(runs, strategy):
+    results = runs[0][strategy]
+    assert results["complete"] is True and results["failures"] == []
+    assert results["config"]["strategy"] == strategy and results["config"]["init"] == "independent"
+    rounds = results["rounds"]
+    assert [r["round"] for r in rounds] == list(range(1, ROUNDS + 1))
+    for r in rounds:
+        assert r["train_replies"] == CLIENTS and r["clients_merged"] == CLIENTS and r["train_failures"] == 0
+        assert r["match_cycle_error"] == 0.0 and r["match_iterations"] >= 1 and r["match_objective"] > 0
+        assert 0 < r["match_seconds"] <= r["aggregation_seconds"]
+        assert 0 <= r["test_accuracy"] <= 1 and r["client_eval_accuracy"] > 0
+    assert results["final"]["test_accuracy"] > 0.3, results["final"]  # chance: 0.1
+    assert results["final"]["test_accuracy"] == rounds[-1]["test_accuracy"]
+
+
+def test_bad_clients_are_left_out_and_recorded(runs):
+    results = runs[0]["faulty"]
+    assert results["complete"] is True
+    failures = results["failures"]
+    assert len(failures) == 2 * ROUNDS  # the crashing client and the NaN client, every round
+    by_partition = {}
+    for f in failures:
+        assert f["phase"] == "train" and f["node_id"] > 0
+        by_partition.setdefault(f["partition_id"], set()).add(f["reason"])
+    crash = by_partition.pop(None, set()) | by_partition.pop(1, set())  # a crashed client never told its id
+    assert crash == {"client error: simulated crash of client 1"}
+    assert by_partition == {2: {"update: key 'layers.0.weight' contains NaN values"}}
+    for r in results["rounds"]:
+        assert r["train_replies"] == CLIENTS and r["clients_merged"] == CLIENTS - 2
+        assert r["train_failures"] == 2 and len(r["failures"]) == 2
+    assert results["final"]["test_accuracy"] > 0.3
