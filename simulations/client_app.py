@@ -61,7 +61,7 @@ DEFAULTS: dict[str, Any] = {
     "batch-size": 64,
     "lr": 0.05,
     "momentum": 0.9,
-    "init": "shared",             # "independent": in round 1 every client starts from its own init
+    "init": "independent",        # round 1 from each client's own init ("shared": from the global model)
     "max-train-samples": 0,       # 0 = the whole training set (else a seeded random subset)
     "max-test-samples": 0,        # 0 = the whole test set (else a seeded random subset)
     "holdout-fraction": 0.1,      # share of each client's partition kept for client evaluation

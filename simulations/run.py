@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="directory holding the non-bundled datasets (see README)")
     p.add_argument("--partition", choices=PARTITIONS, default="iid", help="how the training set is split")
     p.add_argument("--alpha", type=_positive_float, default=0.5, help="Dirichlet concentration (--partition dirichlet)")
-    p.add_argument("--init", choices=INIT_MODES, default="shared",
+    p.add_argument("--init", choices=INIT_MODES, default="independent",
                    help="shared: all clients start from the global model; independent: in round 1 each "
                         "client starts from its own random init (the one-shot merging setting)")
     p.add_argument("--fraction", type=_float_in(0.0, 1.0, low_open=True), default=1.0,
