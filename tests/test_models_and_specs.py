@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedmerge.models import MLP, MODELS, VGG, ResNet20, SmallCNN, build_model, resnet20, vgg11, vgg16
+from fedmerge.models import MLP, MODELS, VGG, ResNet20, SmallCNN, build_model, resnet20, vgg9, vgg11, vgg16
 from fedmerge.permutation import apply_permutation, random_permutation
 from fedmerge.spec import PermutationSpec
 from fedmerge.spec_check import SpecError, check_spec
@@ -27,6 +27,8 @@ ZOO = {
     "mlp-small": lambda: MLP(input_shape=(3, 8, 8), num_classes=5, widths=(16, 8)),
     "cnn-mnist": lambda: SmallCNN(),
     "cnn-cifar": lambda: SmallCNN(input_shape=(3, 32, 32), channels=(8, 16, 12), hidden=32),
+    "vgg9": lambda: vgg9(width=0.125, hidden=32),
+    "vgg9-mnist": lambda: vgg9(input_shape=(1, 28, 28), width=0.125, hidden=32),
     "vgg11": lambda: vgg11(width=0.125),
     "vgg11-bn": lambda: vgg11(width=0.125, norm="batchnorm"),
     "vgg11-ln": lambda: vgg11(width=0.125, norm="layernorm"),
@@ -126,6 +128,8 @@ def test_mlp_is_the_paper_architecture():
 
 
 def test_vgg_and_resnet_shapes():
+    assert sum(isinstance(m, nn.Conv2d) for m in vgg9().modules()) == 6  # FedMA's VGG-9: 6 convs + 3 fc
+    assert [m.in_features for m in vgg9().classifier if isinstance(m, nn.Linear)] == [4096, 512, 512]
     assert sum(isinstance(m, nn.Conv2d) for m in vgg11().modules()) == 8
     assert sum(isinstance(m, nn.Conv2d) for m in vgg16().modules()) == 13
     assert [m.out_features for m in vgg16().classifier if isinstance(m, nn.Linear)] == [512, 512, 10]

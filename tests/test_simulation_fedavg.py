@@ -182,3 +182,17 @@ def test_table_and_warnings_show_left_out_clients():
     assert lines[0].startswith("warning: 5 client replies were left out (2 distinct reasons")
     assert "round(s) 2" in lines[1]
     assert run.failure_summary({"rounds": [{"round": 1}], "failures": []}) == []
+
+
+def test_compare_builds_its_table_and_refuses_flags_it_sets():
+    from simulations import compare
+
+    row = {"strategy": "c2m3", "init": "independent", "partition": "iid", "round1_accuracy": 0.64,
+           "final_accuracy": 0.88, "rounds": 3, "mean_aggregation_seconds": 7.5, "wall_seconds": 58.0,
+           "left_out": 0}
+    table = compare.markdown_table([row]).splitlines()
+    assert table[0].startswith("| strategy | init | partition | acc. round 1 | acc. last round")
+    assert table[2] == "| c2m3 | independent | iid | 0.6400 | 0.8800 | 3 | 7.50 | 58 | 0 |"
+    assert compare._run_args(["--", "--rounds", "5"]) == ["--rounds", "5"]
+    with pytest.raises(SystemExit, match="--strategy is set by compare.py"):
+        compare._run_args(["--", "--strategy", "fedavg"])

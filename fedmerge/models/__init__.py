@@ -17,14 +17,15 @@ from torch import nn
 from .cnn import SmallCNN
 from .mlp import MLP
 from .resnet import BasicBlock, ResNet20, resnet20
-from .vgg import VGG, vgg11, vgg16
+from .vgg import VGG, vgg9, vgg11, vgg16
 
-__all__ = ["MLP", "SmallCNN", "VGG", "ResNet20", "BasicBlock", "vgg11", "vgg16", "resnet20",
+__all__ = ["MLP", "SmallCNN", "VGG", "ResNet20", "BasicBlock", "vgg9", "vgg11", "vgg16", "resnet20",
            "MODELS", "build_model"]
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "mlp": MLP,
     "cnn": SmallCNN,
+    "vgg9": partial(VGG, 9, norm=None, pool=4),
     "vgg11": partial(VGG, 11, norm=None),
     "vgg11-bn": partial(VGG, 11, norm="batchnorm"),
     "vgg11-ln": partial(VGG, 11, norm="layernorm"),

@@ -1,4 +1,7 @@
-"""VGG-11 / VGG-16 for small images, with optional BatchNorm or LayerNorm after every conv.
+"""VGG-9 / VGG-11 / VGG-16 for small images, with optional BatchNorm or LayerNorm after every conv.
+
+VGG-9 is FedMA's (Wang et al., 2020) federated benchmark network: six 3x3 convs (32, 64, M, 128,
+128, M, 256, 256, M) and three fully connected layers on the flattened 4x4 map (``pool=4``).
 
 VGG is a plain chain, so its symmetry is one group per conv layer (the channels it produces) and
 one per hidden classifier layer.  The interesting part is normalisation:
@@ -24,9 +27,10 @@ from torch import nn
 
 from ..spec import PermutationSpec
 
-__all__ = ["VGG", "VGG_CONFIGS", "NORMS", "vgg11", "vgg16", "make_norm", "norm_axes"]
+__all__ = ["VGG", "VGG_CONFIGS", "NORMS", "vgg9", "vgg11", "vgg16", "make_norm", "norm_axes"]
 
 VGG_CONFIGS: dict[int, tuple] = {
+    9: (32, 64, "M", 128, 128, "M", 256, 256, "M"),
     11: (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
     16: (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"),
 }
@@ -61,8 +65,9 @@ def _scale(channels: int, width: float) -> int:
 
 class VGG(nn.Module):
     """Conv3x3 (padding 1) [+ norm] + ReLU blocks and ``MaxPool2d(2, ceil_mode=True)`` per config,
-    ``AdaptiveAvgPool2d(1)``, flatten, then ``Linear(hidden) + ReLU, Linear(hidden) + ReLU,
-    Linear(num_classes)`` (the classifier of the C²M³ appendix).
+    ``AdaptiveAvgPool2d(pool)``, flatten, then ``Linear(hidden) + ReLU, Linear(hidden) + ReLU,
+    Linear(num_classes)`` (the classifier of the C²M³ appendix with ``pool=1``; FedMA's VGG-9
+    flattens a 4x4 map, ``pool=4``, and the first classifier layer then sees each channel 16 times).
 
     ``ceil_mode`` lets 28x28 inputs survive five poolings (28, 14, 7, 4, 2, 1).  ``width``
     multiplies the conv channel counts; ``hidden`` is the classifier width.  State_dict keys follow
@@ -70,7 +75,7 @@ class VGG(nn.Module):
     """
 
     def __init__(self, depth: int = 11, input_shape: Sequence[int] = (3, 32, 32), num_classes: int = 10,
-                 norm: str | None = None, width: float = 1.0, hidden: int = 512) -> None:
+                 norm: str | None = None, width: float = 1.0, hidden: int = 512, pool: int = 1) -> None:
         super().__init__()
         if depth not in VGG_CONFIGS:
             raise ValueError(f"VGG depth must be one of {sorted(VGG_CONFIGS)}, got {depth}")
@@ -92,10 +97,12 @@ class VGG(nn.Module):
             layers.append(nn.ReLU(inplace=True))
             c = out
         self.features = nn.Sequential(*layers)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        if int(pool) < 1:
+            raise ValueError(f"pool must be a positive integer, got {pool}")
+        self.avgpool = nn.AdaptiveAvgPool2d(int(pool))
         self.flatten = nn.Flatten()
         self.classifier = nn.Sequential(
-            nn.Linear(c, hidden), nn.ReLU(inplace=True),
+            nn.Linear(c * int(pool) ** 2, hidden), nn.ReLU(inplace=True),
             nn.Linear(hidden, hidden), nn.ReLU(inplace=True),
             nn.Linear(hidden, self.num_classes),
         )
@@ -121,13 +128,19 @@ class VGG(nn.Module):
                 axes.update(norm_axes(f"features.{i}", layer, previous))
         for i in (0, 2):
             group = f"classifier.{i}"
-            axes[f"classifier.{i}.weight"] = (group, previous)  # features: 1x1 after the avgpool
+            axes[f"classifier.{i}.weight"] = (group, previous)  # pool x pool blocks per channel for i = 0
             axes[f"classifier.{i}.bias"] = (group,)
             sizes[group] = self.classifier[i].out_features
             previous = group
         axes["classifier.4.weight"] = (None, previous)
         axes["classifier.4.bias"] = (None,)
         return PermutationSpec(axes, sizes)
+
+
+def vgg9(*, input_shape: Sequence[int] = (3, 32, 32), num_classes: int = 10, norm: str | None = None,
+         width: float = 1.0, hidden: int = 512) -> VGG:
+    """FedMA's VGG-9 (no normalisation by default, as in FedMA; 4x4 map flattened into the classifier)."""
+    return VGG(9, input_shape=input_shape, num_classes=num_classes, norm=norm, width=width, hidden=hidden, pool=4)
 
 
 def vgg11(*, input_shape: Sequence[int] = (3, 32, 32), num_classes: int = 10, norm: str | None = None,
