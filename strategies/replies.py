@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
 import torch
-from flwr.app import Message, MetricRecord, RecordDict
+from flwr.app import Message, RecordDict
 
 from fedmerge.validation import check_like
 
@@ -55,9 +55,11 @@ def error_reason(msg: Message) -> str:
     return f"client error: {last.split('occurred. Message: ', 1)[-1]}"
 
 
-def _weight(content: RecordDict, weight_key: str) -> tuple[MetricRecord | None, float | str]:
-    """(the MetricRecord, the sample count) of a reply, or (None, a reason) when unusable."""
-    records = list(content.metric_records.values())
+def _judge(msg: Message, weight_key: str) -> tuple[float, None] | tuple[None, str]:
+    """``(sample count, None)`` when a reply's metrics are usable, else ``(None, the reason)``."""
+    if msg.has_error():
+        return None, error_reason(msg)
+    records = list(msg.content.metric_records.values())
     if len(records) != 1:
         return None, f"expected exactly one MetricRecord, got {len(records)}"
     value = records[0].get(weight_key)
@@ -67,7 +69,7 @@ def _weight(content: RecordDict, weight_key: str) -> tuple[MetricRecord | None, 
         return None, f"{weight_key!r} must be one finite number, got {value!r}"
     if float(value) <= 0:
         return None, f"{weight_key!r} must be positive, got {value!r}"
-    return records[0], float(value)
+    return float(value), None
 
 
 def split_evaluate_replies(replies: Iterable[Message], *, weight_key: str = "num-examples"
@@ -76,15 +78,11 @@ def split_evaluate_replies(replies: Iterable[Message], *, weight_key: str = "num
     usable: list[Message] = []
     left_out: list[LeftOut] = []
     for msg in replies:
-        node = int(msg.metadata.src_node_id)
-        if msg.has_error():
-            left_out.append(LeftOut(node, error_reason(msg)))
-            continue
-        record, weight = _weight(msg.content, weight_key)
-        if record is None:
-            left_out.append(LeftOut(node, str(weight)))
-        else:
+        _, reason = _judge(msg, weight_key)
+        if reason is None:
             usable.append(msg)
+        else:
+            left_out.append(LeftOut(int(msg.metadata.src_node_id), reason))
     return usable, left_out
 
 
@@ -102,27 +100,21 @@ def split_train_replies(replies: Iterable[Message], reference: Mapping[str, torc
     left_out: list[LeftOut] = []
     for msg in replies:
         node = int(msg.metadata.src_node_id)
-        if msg.has_error():
-            left_out.append(LeftOut(node, error_reason(msg)))
-            continue
-        arrays = list(msg.content.array_records.values())
-        if len(arrays) != 1:
-            left_out.append(LeftOut(node, f"expected exactly one ArrayRecord, got {len(arrays)}"))
-            continue
-        record, weight = _weight(msg.content, weight_key)
-        if record is None:
-            left_out.append(LeftOut(node, str(weight)))
-            continue
-        try:
-            state_dict = arrays[0].to_torch_state_dict()
-            if reference is None:
-                check_like(state_dict, state_dict, name="update")  # finiteness only
-            else:
-                check_like(state_dict, reference, name="update", reference_name="the global model")
-        except (ValueError, TypeError, RuntimeError) as exc:
-            left_out.append(LeftOut(node, str(exc)))
+        weight, reason = _judge(msg, weight_key)
+        arrays = [] if reason is not None else list(msg.content.array_records.values())
+        if reason is None and len(arrays) != 1:
+            reason = f"expected exactly one ArrayRecord, got {len(arrays)}"
+        if reason is None:
+            try:
+                state_dict = arrays[0].to_torch_state_dict()
+                check_like(state_dict, state_dict if reference is None else reference, name="update",
+                           reference_name="the global model")
+            except (ValueError, TypeError, RuntimeError) as exc:
+                reason = str(exc)
+        if reason is not None:
+            left_out.append(LeftOut(node, reason))
             continue
         if reference is None:
             reference = state_dict
-        updates.append(ClientUpdate(node, state_dict, float(weight), msg.content))
+        updates.append(ClientUpdate(node, state_dict, weight, msg.content))
     return updates, left_out
