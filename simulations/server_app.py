@@ -46,7 +46,7 @@ from typing import Any, Iterable, Mapping
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg, Strategy
+from flwr.serverapp.strategy import Strategy
 
 from fedmerge.data import load_dataset
 from fedmerge.training import evaluate, resolve_device
@@ -323,7 +323,8 @@ class RunRecorder:
 
         rounds = [{k: _json_float(v) for k, v in self.rounds[r].items()} for r in sorted(self.rounds) if r > 0]
         initial = self.rounds.get(0, {})
-        last = rounds[-1] if rounds else {}
+        evaluated = [r for r in rounds if r.get("test_accuracy") is not None]
+        last = evaluated[-1] if evaluated else {}  # a run stopped mid-round reports its last evaluated model
         return {
             "complete": complete,
             "config": self.config,
@@ -382,6 +383,10 @@ def main(grid: Grid, context: Context) -> None:
             evaluate_config=ConfigRecord(dict(client_config)),
             evaluate_fn=recorder.evaluate_fn,
         )
+    except BaseException:
+        recorder.write_results(complete=False)  # keep what was measured, failures included
+        raise
+    else:
         recorder.write_results(complete=True)
     finally:
         recorder.close()

@@ -37,6 +37,15 @@ for name, app, extra in runs:
     os.environ[server_app.CONFIG_ENV] = json.dumps(config)
     run_simulation(server_app=server_app.app, client_app=app, num_supernodes={clients},
                    backend_config={{"client_resources": {{"num_cpus": 1, "num_gpus": 0.0}}}})
+
+# stop-on-failure: the same faulty clients stop the run, with the client's own message
+os.environ[server_app.CONFIG_ENV] = json.dumps({{**config, "out": os.path.join(out, "strict"),
+                                                "stop-on-failure": True, "num-rounds": 1}})
+try:
+    run_simulation(server_app=server_app.app, client_app=faulty_client_app.app, num_supernodes={clients},
+                   backend_config={{"client_resources": {{"num_cpus": 1, "num_gpus": 0.0}}}})
+except Exception as exc:
+    open(os.path.join(out, "strict-error.txt"), "w").write(f"{{type(exc).__name__}}: {{exc}}")
 """.format(merging=MERGING, clients=CLIENTS, rounds=ROUNDS)
 
 
@@ -49,7 +58,7 @@ def runs(tmp_path_factory):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"simulations failed ({proc.returncode}):\n{proc.stderr[-6000:]}"
     return {name: json.loads((out / name / "results.json").read_text())
-            for name in (*MERGING, "faulty")}, proc
+            for name in (*MERGING, "faulty")}, proc, out
 
 
 @pytest.mark.parametrize("strategy", MERGING)
@@ -66,6 +75,17 @@ def test_each_strategy_runs_on_the_simulation_engine(runs, strategy):
         assert 0 <= r["test_accuracy"] <= 1 and r["client_eval_accuracy"] > 0
     assert results["final"]["test_accuracy"] > 0.3, results["final"]  # chance: 0.1
     assert results["final"]["test_accuracy"] == rounds[-1]["test_accuracy"]
+
+
+def test_stop_on_failure_stops_the_run_with_the_reason(runs):
+    error = runs[2] / "strict-error.txt"
+    assert error.is_file(), "the run with stop-on-failure did not raise"
+    text = error.read_text()
+    assert "stop-on-failure is set" in text and "simulated crash of client 1" in text and "NaN" in text
+    results = json.loads((runs[2] / "strict" / "results.json").read_text())
+    assert results["complete"] is False and results["final"]["round"] == 0  # no round was completed
+    assert {f["reason"] for f in results["failures"]} == {
+        "client error: simulated crash of client 1", "update: key 'layers.0.weight' contains NaN values"}
 
 
 def test_bad_clients_are_left_out_and_recorded(runs):
