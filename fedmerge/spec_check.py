@@ -113,7 +113,8 @@ def _has_dropout(model: nn.Module) -> bool:
 
 
 def check_spec(model: nn.Module, spec: PermutationSpec | None = None, example_input: Any = None, *,
-               atol: float = 1e-5, seed: int = 0, modes: Iterable[str] = ("eval", "train")) -> None:
+               atol: float = 1e-5, rtol: float = 1e-5, seed: int = 0,
+               modes: Iterable[str] = ("eval", "train")) -> None:
     """Raise :class:`SpecError` unless permuting ``model`` by ``spec`` leaves its outputs unchanged.
 
     ``spec`` defaults to :func:`~fedmerge.tracing.spec_for` (the model's own ``permutation_spec()``
@@ -122,7 +123,9 @@ def check_spec(model: nn.Module, spec: PermutationSpec | None = None, example_in
     uses batch statistics instead of its running buffers, so both paths are checked).  Train mode is
     skipped for models with active dropout: its random masks are drawn by position, so a permuted
     model would drop different units and the comparison would be meaningless.  The model itself is
-    not modified.
+    not modified.  Outputs agree when they differ by at most ``atol + rtol * max|output|``: float32
+    sums taken in another order differ by rounding, which grows with the outputs' scale, while a
+    wrong spec changes outputs on the scale of the outputs themselves.
 
     Entries whose values are all equal — a fresh model's zero biases, unit norm scales, and
     BatchNorm's initial running statistics — would hide a wrong spec, since permuting them changes
@@ -157,9 +160,10 @@ def check_spec(model: nn.Module, spec: PermutationSpec | None = None, example_in
     perm = _nontrivial(random_permutation(spec, seed))
     for mode in run_modes:
         reference = outputs(state, mode)
+        tol = atol + rtol * max((float(r.abs().max()) for r in reference if r.numel()), default=0.0)
         diff = _max_diff(reference, outputs(_apply(state, spec.axes, perm), mode))
-        if not diff <= atol:
-            raise _locate(spec, state, perm, reference, lambda sd, m=mode: outputs(sd, m), mode, atol, diff)
+        if not diff <= tol:
+            raise _locate(spec, state, perm, reference, lambda sd, m=mode: outputs(sd, m), mode, tol, diff)
 
 
 def _locate(spec: PermutationSpec, state: Mapping[str, torch.Tensor], perm: Mapping[str, torch.Tensor],

@@ -57,14 +57,17 @@ def has_bn(model: nn.Module) -> bool:
 
 
 def prepare(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every norm layer non-trivial affine parameters and BN layers non-trivial running stats.
+    """Give every norm layer non-trivial affine parameters, BN layers non-trivial running stats and
+    zero-initialised biases (VGG's He init) small random values, as training would.
 
-    Default norm init (weight 1, bias 0, mean 0, var 1) is invariant under permutation, so a spec
-    that forgot those entries would pass; this makes them matter.
+    Default norm init (weight 1, bias 0, mean 0, var 1) and zero biases are invariant under
+    permutation, so a spec that forgot those entries would pass; this makes them matter.
     """
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and m.bias is not None and not m.bias.any():
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
             if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)) and m.weight is not None:
                 m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
                 m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
@@ -82,11 +85,13 @@ def prepare(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 def outputs(model: nn.Module, state: dict, x: torch.Tensor, mode: str) -> torch.Tensor:
+    """The model's outputs in float64, so that a permuted copy must agree to atol 1e-5 whatever the
+    output scale (in float32, summing in another order differs by ~1e-5 on VGG-16's outputs)."""
     probe = copy.deepcopy(model)
     probe.load_state_dict(state)
-    probe.train(mode == "train")
+    probe.double().train(mode == "train")
     with torch.no_grad():
-        return probe(x)
+        return probe(x.double())
 
 
 def example(model: nn.Module, seed: int = 1) -> torch.Tensor:
@@ -605,3 +610,13 @@ def test_residual_with_the_raw_input_keeps_it_unpermuted():
     assert spec.axes["fc2.weight"] == (None, "fc1")  # but fc2 writes into the input's (fixed) stream
     assert spec.axes["out.weight"] == (None, None) and len(spec.sizes) == 1
     check_spec(model, spec, torch.randn(3, 6))
+
+
+def test_vgg_uses_he_init_so_that_deep_plain_vggs_train():
+    torch.manual_seed(0)
+    model = vgg9()
+    conv = model.features[5]  # 64 -> 128 channels, 3x3
+    assert conv.weight.std().item() == pytest.approx((2 / (128 * 9)) ** 0.5, rel=0.05)
+    assert torch.count_nonzero(conv.bias) == 0
+    fc = model.classifier[0]  # 4096 -> 512
+    assert fc.weight.std().item() == pytest.approx((2 / 4096) ** 0.5, rel=0.05)

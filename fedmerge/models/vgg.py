@@ -107,6 +107,23 @@ class VGG(nn.Module):
             nn.Linear(hidden, self.num_classes),
         )
 
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """He (Kaiming) normal init for convs (fan-out, as torchvision's VGG) and linears (fan-in).
+
+        Without normalisation, PyTorch's default init leaves VGG-9 at chance for epochs (measured on
+        1 000 MNIST images, SGD lr 0.01: loss 2.299 after 5 epochs; with this init 0.649 after 3).
+        torchvision's N(0, 0.01) for linears stalls too with three 512-wide layers and no dropout.
+        """
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Linear):
+                nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
+                nn.init.zeros_(module.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x)
         x = self.flatten(self.avgpool(x))
