@@ -2,9 +2,12 @@
 
 Example (from the repository root)::
 
-    python simulations/run.py --strategy fedavg --clients 20
-    python simulations/run.py --strategy fedavg --clients 50 --partition dirichlet --alpha 0.3 \\
-        --rounds 10 --model cnn --out runs/fedavg-dirichlet
+    python simulations/run.py --strategy c2m3 --clients 20     # then --strategy fedavg to compare
+    python simulations/run.py --strategy fedavg --init shared --clients 50 --partition dirichlet \\
+        --alpha 0.3 --rounds 10 --model cnn --out runs/fedavg-dirichlet
+
+By default (``--init independent``) every client's first round starts from its own random init,
+the setting in which aligning before averaging matters; ``--init shared`` is classic FL.
 
 The ServerApp (``simulations/server_app.py``) and ClientApp (``simulations/client_app.py``) are
 started with ``flwr.simulation.run_simulation``: each simulated client runs in a Ray actor with

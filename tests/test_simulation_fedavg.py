@@ -37,7 +37,7 @@ def _env() -> dict[str, str]:
 @pytest.fixture(scope="module")
 def simulation(tmp_path_factory):
     out = tmp_path_factory.mktemp("sim") / "fedavg"
-    cmd = [sys.executable, str(ROOT / "simulations" / "run.py"), "--strategy", "fedavg",
+    cmd = [sys.executable, str(ROOT / "simulations" / "run.py"), "--strategy", "fedavg", "--init", "shared",
            "--clients", str(CLIENTS), "--rounds", str(ROUNDS), "--max-train-samples", str(TRAIN),
            "--max-test-samples", str(TEST), "--local-epochs", "2", "--seed", "3", "--no-progress",
            "--out", str(out)]
