@@ -66,7 +66,7 @@ def test_flwr_run_runs_the_app_on_the_simulation_engine(tmp_path):
     if _port_in_use(LOCAL_SUPERLINK_PORT):
         pytest.skip(f"a SuperLink already listens on port {LOCAL_SUPERLINK_PORT}; not touching it")
     home, out = tmp_path / "flwr-home", tmp_path / "out"
-    env = dict(os.environ, FLWR_HOME=str(home), FLWR_TELEMETRY_ENABLED="0",
+    env = dict(os.environ, FLWR_HOME=str(home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
                FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
                PATH=f"{flwr.parent}{os.pathsep}{os.environ.get('PATH', '')}")
     env.pop("FEDMERGE_SIM_CONFIG", None)
