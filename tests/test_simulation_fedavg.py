@@ -196,3 +196,28 @@ def test_compare_builds_its_table_and_refuses_flags_it_sets():
     assert compare._run_args(["--", "--rounds", "5"]) == ["--rounds", "5"]
     with pytest.raises(SystemExit, match="--strategy is set by compare.py"):
         compare._run_args(["--", "--strategy", "fedavg"])
+
+
+def test_fedma_command_is_accepted_with_cifar10_in_data_dir(tmp_path):
+    """The FedMA-setting command of BENCHMARKS.md passes every check run.py makes before Ray starts
+    (CIFAR-10 replaced by generated batches in the real on-disk format)."""
+    import pickle
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    base = tmp_path / "cifar-10-batches-py"
+    base.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {"data": rng.integers(0, 256, (64, 3 * 32 * 32), dtype=np.uint8),
+                 "labels": rng.integers(0, 10, 64).tolist()}
+        (base / name).write_bytes(pickle.dumps(batch))
+    (base / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"c{i}" for i in range(10)]}))
+    argv = ["--strategy", "c2m3", "--init", "shared", "--clients", "16", "--model", "vgg9", "--dataset", "cifar10",
+            "--data-dir", str(tmp_path), "--partition", "dirichlet", "--alpha", "0.5", "--rounds", "20",
+            "--local-epochs", "5", "--lr", "0.01", "--out", str(tmp_path / "out")]
+    parser = run.build_parser()
+    config = run.make_config(parser, parser.parse_args(argv), argv)
+    assert config["model"] == "vgg9" and config["dataset"] == "cifar10" and config["num-clients"] == 16
+    strategy = make_strategy(config)
+    assert isinstance(strategy, C2M3) and "features.0" in strategy.spec.sizes

@@ -176,3 +176,28 @@ def test_construction_errors_and_registry():
     assert set(STRATEGIES) == {"fedavg", "git-rebasin", "mergemany", "c2m3"}
     assert all(issubclass(STRATEGIES[name], MergingStrategy) and STRATEGIES[name].align == name
                for name in ("git-rebasin", "mergemany", "c2m3"))
+
+
+def test_fedma_network_permuted_copies_aggregate_back():
+    """VGG-9 (FedMA's setting): the flattened 4x4 map feeds the classifier; C²M³ still recovers
+    four permuted copies (an even count: see refine=1 in the C2M3 strategy)."""
+    from fedmerge.models import vgg9
+
+    torch.manual_seed(0)
+    model = vgg9(width=0.25, hidden=32)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+                m.bias.normal_(0, 0.1)  # He init leaves biases at zero; make them matter
+    spec = model.permutation_spec()
+    base = model.state_dict()
+    copies = [base] + [apply_permutation(base, spec, random_permutation(spec, 3 + i)) for i in range(3)]
+    arrays, metrics = C2M3(model=model, device="cpu").aggregate_train(
+        1, [_reply(n, sd, 10 + n) for n, sd in enumerate(copies)])
+    x = torch.randn(8, 3, 32, 32)
+    merged = vgg9(width=0.25, hidden=32)
+    merged.load_state_dict(arrays.to_torch_state_dict())
+    model.eval(), merged.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x), model(x), atol=1e-5, rtol=0)
+    assert metrics["match_cycle_error"] == 0.0
