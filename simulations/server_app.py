@@ -52,7 +52,7 @@ from fedmerge.data import load_dataset
 from fedmerge.training import evaluate, resolve_device
 
 from strategies import STRATEGIES, MergingStrategy
-from strategies.replies import LeftOut, error_reason, split_evaluate_replies
+from strategies.replies import LeftOut, error_reason
 
 from .client_app import ClientConfig, build_global_model, config_record, used_test_indices
 
@@ -137,6 +137,25 @@ def load_config(context: Context | None = None) -> dict[str, Any]:
 # ------------------------------------------------------------------------ recording
 
 
+def _partition_id(msg: Message) -> int | None:
+    """The partition id a (non-error) reply of our ClientApp carries, if any."""
+    if msg.has_error():
+        return None
+    for record in msg.content.metric_records.values():
+        if PARTITION_KEY in record:
+            return int(record[PARTITION_KEY])
+    return None
+
+
+def _left_out(strategy: Strategy, phase: str, server_round: int, replies: list[Message]) -> list[LeftOut]:
+    """Who was left out of ``phase`` this round: as the fedmerge strategy judged it, or, for
+    Flower's FedAvg (which skips error replies and raises on malformed ones), the error replies."""
+    if isinstance(strategy, MergingStrategy):
+        record = strategy.left_out if phase == "train" else strategy.left_out_evaluate
+        return record.get(server_round, [])
+    return [LeftOut(int(m.metadata.src_node_id), error_reason(m)) for m in replies if m.has_error()]
+
+
 def _json_float(x: Any) -> Any:
     if isinstance(x, float) and not math.isfinite(x):
         return None
@@ -161,7 +180,6 @@ class RunRecorder:
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         self.num_rounds = int(config["num-rounds"])
         self.stop_on_failure = bool(config.get("stop-on-failure", False))
-        self.failures: list[dict[str, Any]] = []
         self._partition_of: dict[int, int] = {}  # node id -> partition id, learnt from replies
         self.device = device if device is not None else resolve_device(
             None if self.client_cfg.device == "auto" else self.client_cfg.device)
@@ -187,10 +205,9 @@ class RunRecorder:
 
     def _learn_partitions(self, replies: Iterable[Message]) -> None:
         for msg in replies:
-            if not msg.has_error():
-                for record in msg.content.metric_records.values():
-                    if PARTITION_KEY in record:
-                        self._partition_of[int(msg.metadata.src_node_id)] = int(record[PARTITION_KEY])
+            pid = _partition_id(msg)
+            if pid is not None:
+                self._partition_of[int(msg.metadata.src_node_id)] = pid
 
     def _record_failures(self, server_round: int, phase: str, left_out: list[LeftOut]) -> None:
         """Keep left-out clients in results.json; raise if ``stop-on-failure`` is set."""
@@ -200,7 +217,6 @@ class RunRecorder:
             entry = {"round": server_round, "phase": phase, "node_id": item.node_id,
                      "partition_id": self._partition_of.get(item.node_id), "reason": item.reason}
             rec.setdefault("failures", []).append(entry)
-            self.failures.append(entry)
         if left_out and self.stop_on_failure:
             reasons = "; ".join(sorted({item.reason for item in left_out}))
             raise RuntimeError(f"round {server_round}: {len(left_out)} {phase} replies failed "
@@ -214,12 +230,8 @@ class RunRecorder:
         reference) in a fixed order makes a run reproducible.
         """
         def key(msg: Message) -> tuple[int, int]:
-            if msg.has_error():
-                return (1, 0)
-            for record in msg.content.metric_records.values():
-                if PARTITION_KEY in record:
-                    return (0, int(record[PARTITION_KEY]))
-            return (0, 0)
+            pid = _partition_id(msg)
+            return (1, 0) if msg.has_error() else (0, 0 if pid is None else pid)
         return sorted(replies, key=key)
 
     @staticmethod
@@ -240,11 +252,7 @@ class RunRecorder:
             t0 = time.perf_counter()
             arrays, metrics = aggregate_train(server_round, replies)
             rec["aggregation_seconds"] = time.perf_counter() - t0
-            if isinstance(strategy, MergingStrategy):
-                left_out = strategy.left_out.get(server_round, [])
-            else:  # Flower's FedAvg skips error replies (and raises on malformed ones)
-                left_out = [LeftOut(int(m.metadata.src_node_id), error_reason(m)) for m in replies if m.has_error()]
-            self._record_failures(server_round, "train", left_out)
+            self._record_failures(server_round, "train", _left_out(strategy, "train", server_round, replies))
             metrics = self._without_partition_id(metrics)
             for key, value in (metrics or {}).items():
                 rec[key] = value  # a strategy's own aggregation_seconds (measured inside) wins
@@ -257,9 +265,8 @@ class RunRecorder:
             self._learn_partitions(replies)
             rec = self._round(server_round)
             rec["evaluate_replies"] = len(replies)
-            _, left_out = split_evaluate_replies(replies, weight_key=getattr(strategy, "weighted_by_key", "num-examples"))
-            self._record_failures(server_round, "evaluate", left_out)
             metrics = self._without_partition_id(aggregate_evaluate(server_round, replies))
+            self._record_failures(server_round, "evaluate", _left_out(strategy, "evaluate", server_round, replies))
             for key, value in (metrics or {}).items():
                 rec[f"client_{key}"] = value  # client_eval_loss, client_eval_accuracy
             return metrics
@@ -333,7 +340,7 @@ class RunRecorder:
             "num_test_samples": int(self.test_labels.shape[0]),
             "initial": {"test_accuracy": initial.get("test_accuracy"), "test_loss": initial.get("test_loss")},
             "rounds": rounds,
-            "failures": self.failures,
+            "failures": [f for r in rounds for f in r.get("failures", [])],
             "final": {
                 "round": last.get("round", 0),
                 "test_accuracy": last.get("test_accuracy"),

@@ -56,9 +56,9 @@ class MergingStrategy(FedAvg):
 
     Attributes
     ----------
-    left_out:
+    left_out, left_out_evaluate:
         ``{server_round: [LeftOut(node_id, reason), ...]}`` for every round with a left-out
-        training reply.
+        training (evaluation) reply.
     last_result:
         The :class:`fedmerge.matching.MatchResult` of the last merge (``None`` before any).
     """
@@ -82,6 +82,7 @@ class MergingStrategy(FedAvg):
         self.device = resolve_device(None if device in (None, "auto") else device)
         self.match_options: dict[str, Any] = dict(match_options or {})
         self.left_out: dict[int, list[LeftOut]] = {}
+        self.left_out_evaluate: dict[int, list[LeftOut]] = {}
         self.last_result = None
         self._global: ArrayRecord | None = None  # the arrays sent in the current round
 
@@ -138,6 +139,8 @@ class MergingStrategy(FedAvg):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Weighted client evaluation metrics of the well-formed replies (the others are logged)."""
         usable, left_out = split_evaluate_replies(replies, weight_key=self.weighted_by_key)
+        if left_out:
+            self.left_out_evaluate[server_round] = left_out
         for item in left_out:
             log(WARNING, "round %d: evaluation reply of node %d left out: %s", server_round, item.node_id,
                 item.reason)

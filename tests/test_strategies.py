@@ -160,8 +160,12 @@ def test_malformed_evaluation_replies_are_left_out():
                _error_reply(3, "boom")]
     with pytest.raises(InconsistentMessageReplies):
         FedAvg().aggregate_evaluate(1, replies[:3])
-    metrics = C2M3(spec=MLP(widths=(4,)).permutation_spec()).aggregate_evaluate(1, replies)
+    strategy = C2M3(spec=MLP(widths=(4,)).permutation_spec())
+    metrics = strategy.aggregate_evaluate(1, replies)
     assert metrics["eval_accuracy"] == pytest.approx((30 * 0.5 + 10 * 0.9) / 40)
+    assert [(i.node_id, i.reason) for i in strategy.left_out_evaluate[1]] == [
+        (2, "its MetricRecord has no 'num-examples' (the sample count that weights the merge)"),
+        (3, "client error: boom")]
     assert C2M3(spec=MLP(widths=(4,)).permutation_spec()).aggregate_evaluate(1, replies[2:]) is None
 
 
