@@ -30,11 +30,12 @@ class C2M3(MergingStrategy):
         Stop earlier when the objective improves by less than ``tol`` (relative) for ``patience``
         iterations in a row.
     refine:
-        MergeMany sweeps polishing the Frank-Wolfe permutations (``True``: until none changes;
+        Block-coordinate sweeps polishing the Frank-Wolfe permutations (each model's groups
+        re-solved against the sum of the others; ``True``: until a sweep changes nothing;
         ``0``/``False``: the paper's algorithm alone).  Not in the paper.  The default, one sweep,
         unsticks Frank-Wolfe where it stalls between symmetric alignments (an even number of
         permuted copies of one model: measured 0 of 6 trials recovered without it, 6 of 6 with
-        it); on 20 independently initialised MNIST clients it added ~3 s to ~17 s.
+        it).
     spec, model, device, **fedavg_kwargs:
         As :class:`~strategies.merging_strategy.MergingStrategy`.
     """

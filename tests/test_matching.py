@@ -172,16 +172,32 @@ def test_result_reports_diagnostics():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_matching_runs_on_gpu_and_with_mixed_devices():
+@pytest.mark.parametrize("method", ["git-rebasin", "mergemany", "c2m3"])
+def test_matching_on_gpu_recovers_hidden_permutations_and_takes_mixed_devices(method):
+    """On CUDA: exact recovery as on the CPU, results stay on the GPU, CPU/GPU inputs mix without a crash."""
     make = lambda: MLP(widths=(16, 32))  # noqa: E731
-    models = _random_models(make, 3)
     spec = make().permutation_spec()
-    on_gpu = [{k: v.cuda() for k, v in sd.items()} for sd in models]
-    merged = fedmerge.merge(on_gpu, align="c2m3", spec=spec)
+    base = _random_models(make, 1, seed=7)[0]
+    # 3 copies: C²M³ Frank-Wolfe recovers an odd number of copies without refinement
+    copies = [base] + [apply_permutation(base, spec, random_permutation(spec, 20 + i)) for i in range(2)]
+    on_gpu = [{k: v.cuda() for k, v in sd.items()} for sd in copies]
+    x = torch.randn(64, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+
+    def outputs(state_dict):  # the merge lives in the common space: compare functions, not weights
+        model = make()
+        model.load_state_dict({k: v.cpu() for k, v in state_dict.items()})
+        with torch.no_grad():
+            return model.eval()(x)
+
+    merged = fedmerge.merge(on_gpu, align=method, spec=spec)
     assert all(v.is_cuda for v in merged.values())
-    mixed = [on_gpu[0], models[1], on_gpu[2]]
-    for method in ("git-rebasin", "mergemany", "c2m3"):
-        fedmerge.merge(mixed, align=method, spec=spec)
+    torch.testing.assert_close(outputs(merged), outputs(base), atol=1e-5, rtol=0)
+    result = fedmerge.match(on_gpu, spec, method=method)
+    assert result.cycle_error == 0.0
+    on_cpu = fedmerge.match(copies, spec, method=method)
+    assert result.objective == pytest.approx(on_cpu.objective, rel=1e-5)
+    mixed = [on_gpu[0], copies[1], on_gpu[2]]
+    torch.testing.assert_close(outputs(fedmerge.merge(mixed, align=method, spec=spec)), outputs(base), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("count", [2, 4])
@@ -192,7 +208,7 @@ def test_refinement_never_lowers_the_objective_and_keeps_cycles_closed(count):
     plain = fedmerge.match(models, spec, method="c2m3", max_iter=5)
     refined = fedmerge.match(models, spec, method="c2m3", max_iter=5, refine=True)
     assert refined.objective >= plain.objective - 1e-9 * abs(plain.objective)
-    assert "MergeMany refinement" in refined.message and refined.cycle_error == 0.0
+    assert "refinement sweep" in refined.message and refined.cycle_error == 0.0
     if count == 2:
         assert fedmerge.permutation.is_identity(refined.perms[0])
 
@@ -200,14 +216,14 @@ def test_refinement_never_lowers_the_objective_and_keeps_cycles_closed(count):
 @pytest.mark.parametrize("count", [4, 8])
 def test_one_refinement_sweep_recovers_even_numbers_of_permuted_copies(trained_mlp, count):
     """Frank-Wolfe alone can stall between symmetric alignments of an even number of copies
-    (measured: 0 of 6 trials with 4 or 8 copies reach the optimum); one MergeMany sweep recovers."""
+    (measured: 0 of 6 trials with 4 or 8 copies reach the optimum); one refinement sweep recovers."""
     spec = trained_mlp.permutation_spec()
     base = trained_mlp.state_dict()
     copies = [base] + [apply_permutation(base, spec, random_permutation(spec, 7 * count + i)) for i in range(count - 1)]
     best = fedmerge.match([base] * count, spec, method="identity").objective
     result = fedmerge.match(copies, spec, method="c2m3", max_iter=20, refine=1)
     assert result.objective == pytest.approx(best, rel=1e-6) and result.cycle_error == 0.0
-    assert "1 MergeMany refinement sweeps" in result.message
+    assert "1 refinement sweep:" in result.message
 
 
 def test_sparse_and_dense_soft_permutations_agree():
@@ -225,6 +241,43 @@ def test_sparse_and_dense_soft_permutations_agree():
     torch.testing.assert_close(sparse.apply(t, 1), dense.apply(t, 1), atol=1e-6, rtol=1e-6)
     t = torch.randn(n, d, 7, generator=gen)
     torch.testing.assert_close(sparse.apply(t, 0), dense.apply(t, 0), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape, axis, k", [((16, 7), 0, 1), ((7, 16), 1, 1), ((5, 16, 3, 3), 1, 1),
+                                             ((5, 64, 3), 1, 4), ((16, 5, 3, 3), 0, 1)])
+def test_universe_contractions_match_their_definitions(shape, axis, k, monkeypatch):
+    """The stacked helpers (gathers, products, sparse gather-adds) against the formulas written out."""
+    from fedmerge.matching import _stack
+    from fedmerge.matching._stack import SoftPermutation, contract_hard, linear_term
+    gen = torch.Generator().manual_seed(1)
+    n, d = 3, 16
+    t = torch.randn(n, *shape, generator=gen, dtype=torch.float64)
+    s = torch.randn(n, *shape, generator=gen, dtype=torch.float64)
+
+    def units(x):  # (n, d, rest): unit i owns k consecutive entries of the axis, times the other axes
+        moved = x.movedim(axis + 1, 1)
+        return moved.reshape(n, d, k, *moved.shape[2:]).reshape(n, d, -1)
+
+    def back(m):
+        moved_shape = t.movedim(axis + 1, 1).shape
+        return m.reshape(moved_shape).movedim(1, axis + 1)
+
+    perm = torch.stack([torch.randperm(d, generator=gen) for _ in range(n)])
+    torch.testing.assert_close(contract_hard(t, axis, perm),
+                               back(torch.stack([units(t)[p][perm[p]] for p in range(n)])), rtol=0, atol=0)
+    expected = torch.einsum("nkr,nir->nki", units(t), units(s))
+    torch.testing.assert_close(linear_term(t, s, axis, d), expected)
+    eye = torch.eye(d, dtype=torch.float64)
+    mats = torch.stack([0.6 * eye[torch.randperm(d, generator=gen)] + 0.4 * eye[torch.randperm(d, generator=gen)]
+                        for _ in range(n)])
+    expected = back(torch.bmm(mats.transpose(1, 2), units(t)))
+    dense = SoftPermutation(mats)
+    dense.sparse = None
+    torch.testing.assert_close(dense.apply(t, axis), expected)
+    monkeypatch.setattr(_stack, "SPARSE_DENSITY", 1.0)  # 2 non-zeros per column of 16: sparse path
+    sparse = SoftPermutation(mats)
+    assert sparse.sparse is not None
+    torch.testing.assert_close(sparse.apply(t, axis), expected)
 
 
 def test_cycle_error_counts_units_that_do_not_come_back():

@@ -69,6 +69,22 @@ def test_permuted_copies_aggregate_back_to_the_model(cls, trained_mlp, mnist_sub
     assert strategy.left_out == {} and strategy.last_result.n_models == 4
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_strategy_merges_on_the_gpu_and_returns_cpu_arrays(trained_mlp, mnist_subset):
+    """``device="auto"`` picks CUDA: replies (CPU) are merged there, the new global model comes back on the CPU."""
+    spec = trained_mlp.permutation_spec()
+    base = trained_mlp.state_dict()
+    copies = [base] + [apply_permutation(base, spec, random_permutation(spec, 30 + i)) for i in range(2)]
+    strategy = C2M3(model=trained_mlp)
+    assert strategy.device.type == "cuda"
+    arrays, metrics = strategy.aggregate_train(1, [_reply(node, sd) for node, sd in enumerate(copies)])
+    merged = arrays.to_torch_state_dict()
+    assert all(v.device.type == "cpu" for v in merged.values())
+    x = mnist_subset[0][:256]
+    torch.testing.assert_close(_outputs(merged, x), _outputs(base, x), atol=1e-5, rtol=0)
+    assert metrics["clients_merged"] == 3 and metrics["match_cycle_error"] == 0.0
+
+
 @pytest.mark.parametrize("cls", MERGING, ids=lambda c: c.__name__)
 def test_sample_counts_weight_the_merge(cls):
     torch.manual_seed(0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
+from typing import Mapping
 
 import numpy as np
 import torch
@@ -44,11 +45,21 @@ def solve_lap(score: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(_solve(score.detach().double().cpu().numpy())).to(score.device)
 
 
-def solve_laps(scores: torch.Tensor) -> torch.Tensor:
-    """:func:`solve_lap` for a batch ``(m, d, d)``, in parallel; returns ``(m, d)``."""
-    arrays = scores.detach().double().cpu().numpy()
-    if len(arrays) == 1:
-        perms = [_solve(arrays[0])]
+def solve_lap_groups(scores: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """:func:`solve_lap` for every matrix of several batches ``{group: (m, d, d)}``, in parallel.
+
+    Returns ``{group: (m, d)}``.  All problems go to the pool together, largest first, so that
+    the threads do not wait for one another at the end of each group (one Frank-Wolfe iteration
+    solves 80 LAPs of two sizes for 20 MLPs; measured 7% less time per iteration than one pool
+    call per group).
+    """
+    arrays = {g: s.detach().double().cpu().numpy() for g, s in scores.items()}
+    jobs = sorted(((g, i) for g, a in arrays.items() for i in range(len(a))), key=lambda j: -arrays[j[0]].shape[1])
+    if len(jobs) == 1:
+        solved = [_solve(arrays[jobs[0][0]][jobs[0][1]])]
     else:
-        perms = list(_pool().map(_solve, arrays))
-    return torch.from_numpy(np.stack(perms)).to(scores.device)
+        solved = list(_pool().map(lambda job: _solve(arrays[job[0]][job[1]]), jobs))
+    out = {g: np.empty((len(a), a.shape[1]), dtype=np.int64) for g, a in arrays.items()}
+    for (g, i), perm in zip(jobs, solved):
+        out[g][i] = perm
+    return {g: torch.from_numpy(o).to(scores[g].device) for g, o in out.items()}

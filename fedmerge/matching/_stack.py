@@ -17,6 +17,7 @@ All tensors stay on the device of the input models.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -34,6 +35,21 @@ def matricize(t: torch.Tensor, axis: int, d: int) -> tuple[torch.Tensor, torch.S
 def unmatricize(m: torch.Tensor, axis: int, moved_shape: torch.Size) -> torch.Tensor:
     """Inverse of :func:`matricize`."""
     return m.reshape(moved_shape).movedim(1, axis + 1)
+
+
+def split_axis(t: torch.Tensor, axis: int, d: int) -> torch.Tensor:
+    """View ``t`` (``(n, *shape)``) as ``(n, A, d, B)`` around data axis ``axis``, without moving data.
+
+    ``A`` gathers the axes before ``axis``, ``B`` the ones after it and, for a block-permuted
+    (flattened) axis of ``d·k`` entries, each unit's ``k`` consecutive entries.  Same units as
+    :func:`matricize` (``(n, d, A·B)`` up to the order of the ``R`` entries), but a contiguous
+    ``t`` is only re-viewed, not copied: on the weights of a linear layer's input axis the copy
+    that moving the axis makes costs as much as the gather that follows it.
+    """
+    shape = t.shape[1:]
+    outer = math.prod(shape[:axis])
+    inner = math.prod(shape[axis + 1:]) * (shape[axis] // d)
+    return t.reshape(t.shape[0], outer, d, inner)
 
 
 #: Below this fraction of non-zero entries a soft permutation is applied as a sparse gather-add.
@@ -61,29 +77,40 @@ class SoftPermutation:
     def apply(self, t: torch.Tensor, axis: int) -> torch.Tensor:
         """Map axis ``axis`` of every model into the universe: ``P^T @ M`` along that axis."""
         n, d, _ = self.matrix.shape
-        m, shape = matricize(t, axis, d)
+        v = split_axis(t, axis, d)
         if self.sparse is None:
-            out = torch.bmm(self.matrix.transpose(1, 2), m)
-        else:
-            dst, src, val = self.sparse
-            flat = m.reshape(n * d, -1)
-            out = torch.zeros_like(flat).index_add_(0, dst, flat[src] * val).view(n, d, -1)
+            if v.shape[1] == 1:  # the units lead: one batched product, no copy
+                return torch.bmm(self.matrix.transpose(1, 2), v[:, 0]).view(t.shape)
+            return torch.einsum("nki,nakb->naib", self.matrix, v).reshape(t.shape)
+        dst, src, val = self.sparse
+        if v.shape[1] == 1:  # rows are units: gather-add whole rows of the (n·d, B) view
+            flat = v.reshape(n * d, -1)
+            return torch.zeros_like(flat).index_add_(0, dst, flat.index_select(0, src).mul_(val)).view(t.shape)
+        m, shape = matricize(t, axis, d)
+        flat = m.reshape(n * d, -1)
+        out = torch.zeros_like(flat).index_add_(0, dst, flat.index_select(0, src).mul_(val)).view(n, d, -1)
         return unmatricize(out, axis, shape)
 
 
 def contract_hard(t: torch.Tensor, axis: int, perm: torch.Tensor) -> torch.Tensor:
     """Map axis ``axis`` of every model into the universe with index permutations ``perm`` (``(n, d)``)."""
-    d = perm.shape[-1]
-    m, shape = matricize(t, axis, d)
-    idx = perm.unsqueeze(-1).expand(-1, -1, m.shape[-1])
-    return unmatricize(torch.gather(m, 1, idx), axis, shape)
+    n, d = perm.shape
+    v = split_axis(t, axis, d)
+    if v.shape[1] == 1:  # whole rows move: index_select copies rows (≈3× faster than gather here)
+        rows = (perm + torch.arange(n, device=perm.device).unsqueeze(1) * d).reshape(-1)
+        return v.reshape(n * d, -1).index_select(0, rows).view(t.shape)
+    idx = perm.view(n, 1, d, 1).expand(-1, v.shape[1], -1, v.shape[3])
+    return torch.gather(v, 2, idx).view(t.shape)
 
 
 def linear_term(x: torch.Tensor, s: torch.Tensor, axis: int, d: int) -> torch.Tensor:
     """``G[p, k, i] = <x_p restricted to unit k, s_p restricted to unit i>`` along ``axis``."""
-    mx, _ = matricize(x, axis, d)
-    ms, _ = matricize(s, axis, d)
-    return torch.bmm(mx, ms.transpose(1, 2))
+    xv, sv = split_axis(x, axis, d), split_axis(s, axis, d)
+    if xv.shape[1] == 1:  # units lead (output axis): (n, d, B) @ (n, B, d)
+        return torch.bmm(xv[:, 0], sv[:, 0].transpose(1, 2))
+    if xv.shape[3] == 1:  # units last (input axis of a linear layer): (n, d, A) @ (n, A, d)
+        return torch.bmm(xv[..., 0].transpose(1, 2), sv[..., 0])
+    return torch.einsum("nakb,naib->nki", xv, sv)
 
 
 @dataclass

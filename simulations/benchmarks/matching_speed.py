@@ -41,7 +41,7 @@ from simulations.benchmarks.common import (PAPER_WIDTHS, add_common_arguments, f
 
 MODULE = "simulations.benchmarks.matching_speed"
 METHODS = ("c2m3", "c2m3+refine", "mergemany", "git-rebasin", "pairwise")
-METHOD_LABELS = {"c2m3": "C²M³", "c2m3+refine": "C²M³ + MergeMany refinement", "mergemany": "MergeMany", "git-rebasin": "Git Re-Basin (to model 0)",
+METHOD_LABELS = {"c2m3": "C²M³", "c2m3+refine": "C²M³ + block-coordinate refinement", "mergemany": "MergeMany", "git-rebasin": "Git Re-Basin (to model 0)",
                  "pairwise": "pairwise Git Re-Basin"}
 RESNET_NOTE = ("ResNet-20 models are random initialisations (CIFAR-10 is not available offline): their rows "
                "measure matching cost on real ResNet shapes, not the alignment of trained networks.")

@@ -41,7 +41,7 @@ MODULE = "simulations.benchmarks.merge_quality"
 METHODS = ("mean", "mergemany", "c2m3", "git-rebasin", "c2m3+refine")
 DEFAULT_METHODS = ("mean", "mergemany", "c2m3", "git-rebasin")
 METHOD_LABELS = {"mean": "mean (no alignment)", "mergemany": "MergeMany", "c2m3": "C²M³",
-                 "c2m3+refine": "C²M³ + MergeMany refinement",
+                 "c2m3+refine": "C²M³ + block-coordinate refinement",
                  "git-rebasin": "Git Re-Basin (to model 0)"}
 
 #: Reference numbers of the C²M³ paper (Crisostomi et al., NeurIPS 2024) for MLPs on MNIST,
