@@ -3,7 +3,8 @@
 The module fixture runs, in one subprocess (Python and Flower imported once; Ray starts per run),
 a 2-round simulation with 4 clients on an MNIST subset for each merging strategy, under
 ``init "independent"`` (round 1 merges independently initialised models: the setting alignment
-is for), plus a C²M³ run whose ClientApp has a crashing client and a client sending NaN weights.
+is for), plus a C²M³ run (shared init) whose ClientApp has a crashing client and a client sending
+NaN weights.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ from simulations import client_app, server_app
 from tests import faulty_client_app
 
 runs = [(name, client_app.app, {{}}) for name in {merging!r}]
-runs.append(("faulty", faulty_client_app.app, {{"strategy": "c2m3"}}))
+# the faulty run checks failure handling, so its clients share the initial model: its accuracy then
+# does not hinge on a one-shot merge of 2 independently initialised models (0.25-0.58 measured)
+runs.append(("faulty", faulty_client_app.app, {{"strategy": "c2m3", "init": "shared"}}))
 for name, app, extra in runs:
     config = {{"strategy": name, "num-clients": {clients}, "num-rounds": {rounds}, "init": "independent",
               "max-train-samples": 4000, "max-test-samples": 1000, "local-epochs": 2, "seed": 5,
