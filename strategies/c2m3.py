@@ -22,7 +22,7 @@ class C2M3(MergingStrategy):
     ----------
     max_iter:
         Frank-Wolfe iterations per round.  The paper runs up to 200 with a 1e-6 tolerance, which
-        for 20 trained MNIST MLPs takes 154 iterations, about two minutes on a 2-core CPU; a server
+        for 20 trained MNIST MLPs takes 154 iterations, about 100 s on a 2-core CPU; a server
         merging every round needs less: after 10 iterations the merged model's accuracy was within
         0.03 points of the converged one's (BENCHMARKS.md, section (a)), and models trained from
         one global model converge in 1-2 iterations.

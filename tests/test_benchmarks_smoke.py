@@ -35,7 +35,7 @@ def test_matching_speed_smoke(tmp_path, capsys):
     out = tmp_path / "speed.json"
     result = matching_speed.main([
         "--sizes", "2,3", "--models", "random", "--widths", "16,16", "--resnet-count", "2", "--resnet-width", "0.25",
-        "--methods", "c2m3,mergemany,git-rebasin,pairwise", "--max-iter", "10", "--threads", "1", "--no-progress",
+        "--methods", "c2m3,mergemany,git-rebasin,pairwise", "--max-iter", "10", "--seed", "1", "--threads", "1", "--no-progress",
         "--out", str(out)])
     data = json.loads(out.read_text())
     assert data["benchmark"] == "matching_speed" and data["results"] == json.loads(json.dumps(result["results"]))

@@ -69,13 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-iter", type=positive_int, default=None,
                    help="iteration cap passed to every method as max_iter (C²M³: Frank-Wolfe steps, default 200; "
                         "MergeMany: sweeps, default 100; Git Re-Basin: coordinate-descent sweeps, default 100)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the matchers' random visiting orders (default: each matcher's own, 0)")
     p.add_argument("--device", type=torch_device, default="cpu", help="device the matching runs on (default: cpu)")
     add_common_arguments(p)
     return p
 
 
 def run_method(method: str, state_dicts: list, spec: fedmerge.PermutationSpec, *, max_iter: int | None,
-               progress: bool) -> dict[str, Any]:
+               progress: bool, seed: int | None = None) -> dict[str, Any]:
     """One timed matching; returns the fields of a results row."""
     n = len(state_dicts)
     options = {} if max_iter is None else {"max_iter": max_iter}
@@ -86,6 +88,8 @@ def run_method(method: str, state_dicts: list, spec: fedmerge.PermutationSpec, *
         return {"seconds": seconds, "nit": None, "converged": None, "objective": None, "cycle_error": err,
                 "message": f"{n * (n - 1) // 2} independent pairwise weight matchings"}
     name, extra = method_call(method)
+    if seed is not None:
+        options["seed"] = seed
     res = fedmerge.match(state_dicts, spec, method=name, progress=progress, **options, **extra)
     return {"seconds": float(res.seconds), "nit": int(res.nit), "converged": bool(res.converged),
             "objective": float(res.objective), "cycle_error": float(res.cycle_error), "message": str(res.message)}
@@ -98,7 +102,7 @@ def _bench_group(label: str, kind: str, state_dicts: list, spec, sizes: Sequence
         for method in args.methods:
             if method == "pairwise" and n < 3:
                 continue  # a cycle needs three models
-            out = run_method(method, models, spec, max_iter=args.max_iter, progress=args.progress)
+            out = run_method(method, models, spec, max_iter=args.max_iter, progress=args.progress, seed=args.seed)
             row = {"models": label, "kind": kind, "n": n, "method": method,
                    "method_label": METHOD_LABELS[method], **out}
             rows.append(row)
