@@ -71,15 +71,16 @@ def test_permuted_copies_aggregate_back_to_the_model(cls, trained_mlp, mnist_sub
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_strategy_merges_on_the_gpu_and_returns_cpu_arrays(trained_mlp, mnist_subset):
-    """``device="auto"`` picks CUDA: replies (CPU) are merged there, the new global model comes back on the CPU."""
+    """``device="auto"`` picks CUDA: replies (CPU) are matched and merged there, and the new global model
+    goes back to Flower as an ArrayRecord computing the same function."""
     spec = trained_mlp.permutation_spec()
     base = trained_mlp.state_dict()
     copies = [base] + [apply_permutation(base, spec, random_permutation(spec, 30 + i)) for i in range(2)]
     strategy = C2M3(model=trained_mlp)
     assert strategy.device.type == "cuda"
     arrays, metrics = strategy.aggregate_train(1, [_reply(node, sd) for node, sd in enumerate(copies)])
+    assert all(p.is_cuda for perm in strategy.last_result.perms for p in perm.values())  # matched on the GPU
     merged = arrays.to_torch_state_dict()
-    assert all(v.device.type == "cpu" for v in merged.values())
     x = mnist_subset[0][:256]
     torch.testing.assert_close(_outputs(merged, x), _outputs(base, x), atol=1e-5, rtol=0)
     assert metrics["clients_merged"] == 3 and metrics["match_cycle_error"] == 0.0
