@@ -35,7 +35,7 @@ from fedmerge.partition import partition
 from fedmerge.training import evaluate, resolve_device, train
 
 __all__ = [
-    "ARRAYS_KEY", "CONFIG_KEY", "CLIENT_EVAL_MODES", "DEFAULTS", "INIT_MODES", "METRICS_KEY",
+    "ARRAYS_KEY", "CONFIG_KEY", "CLIENT_EVAL_MODES", "DEFAULTS", "INIT_MODES", "METRICS_KEY", "PARTITION_QUERY",
     "ClientConfig", "ClientData", "app", "build_global_model", "config_record", "used_test_indices",
 ]
 
@@ -324,4 +324,20 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
         "num-examples": int(stats["num_examples"]),
         "partition-id": pid,
     })
+    return Message(content=RecordDict({METRICS_KEY: metrics}), reply_to=msg)
+
+
+#: ``message_type`` of the server's question "which partition are you?" (see :func:`partition_handler`).
+PARTITION_QUERY = "query.partition"
+
+
+@app.query("partition")
+def partition_handler(msg: Message, context: Context) -> Message:
+    """Tell the server this node's partition id.
+
+    Node ids are random in every simulation run; the server asks once, before round 1, when it
+    samples a fraction of the clients, so that the same seed samples the same partitions.
+    """
+    metrics = MetricRecord({"partition-id": int(context.node_config["partition-id"]),
+                            "num-partitions": int(context.node_config["num-partitions"])})
     return Message(content=RecordDict({METRICS_KEY: metrics}), reply_to=msg)

@@ -39,12 +39,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import time
+from logging import WARNING
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.supercore import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
@@ -54,10 +57,10 @@ from fedmerge.training import evaluate, resolve_device
 from strategies import STRATEGIES, MergingStrategy
 from strategies.replies import LeftOut, error_reason
 
-from .client_app import ClientConfig, build_global_model, config_record, used_test_indices
+from .client_app import PARTITION_QUERY, ClientConfig, build_global_model, config_record, used_test_indices
 
-__all__ = ["CONFIG_ENV", "SERVER_DEFAULTS", "STRATEGIES", "RunRecorder", "app", "fedavg_kwargs",
-           "load_config", "make_strategy"]
+__all__ = ["CONFIG_ENV", "SERVER_DEFAULTS", "STRATEGIES", "PartitionOrderedGrid", "RunRecorder", "app",
+           "ask_partitions", "fedavg_kwargs", "load_config", "make_strategy"]
 
 #: Key of the client's partition id in its reply MetricRecord.
 PARTITION_KEY = "partition-id"
@@ -249,6 +252,7 @@ class RunRecorder:
             self._learn_partitions(replies)
             rec = self._round(server_round)
             rec["train_replies"] = len(replies)
+            rec["train_partitions"] = [p for p in map(_partition_id, replies) if p is not None]
             t0 = time.perf_counter()
             arrays, metrics = aggregate_train(server_round, replies)
             rec["aggregation_seconds"] = time.perf_counter() - t0
@@ -265,6 +269,7 @@ class RunRecorder:
             self._learn_partitions(replies)
             rec = self._round(server_round)
             rec["evaluate_replies"] = len(replies)
+            rec["evaluate_partitions"] = [p for p in map(_partition_id, replies) if p is not None]
             metrics = self._without_partition_id(aggregate_evaluate(server_round, replies))
             self._record_failures(server_round, "evaluate", _left_out(strategy, "evaluate", server_round, replies))
             for key, value in (metrics or {}).items():
@@ -363,6 +368,53 @@ class RunRecorder:
         self.writer.close()
 
 
+# --------------------------------------------------------------------------- client sampling
+
+class PartitionOrderedGrid:
+    """The Grid, listing nodes in partition order and seeding the sampler before each listing.
+
+    Flower's FedAvg samples ``fraction`` of the clients with the module-level ``random.sample``
+    over ``grid.get_node_ids()``, and simulated node ids are random in every run: the same
+    ``--seed`` would sample different partitions each time.  Handed to ``strategy.start`` in place
+    of the Grid, this lists the nodes sorted by partition id and re-seeds ``random`` (from the run
+    seed and a call counter) just before each listing, so each round samples the same partitions
+    in every run with that seed.  Every other Grid method is the wrapped grid's.
+    """
+
+    def __init__(self, grid: Grid, partition_of: Mapping[int, int], seed: int) -> None:
+        self._grid = grid
+        self._partition_of = dict(partition_of)
+        self._seed = int(seed)
+        self._calls = 0
+
+    def get_node_ids(self) -> list[int]:
+        nodes = sorted(self._grid.get_node_ids(), key=lambda n: (self._partition_of.get(n, math.inf), n))
+        self._calls += 1
+        random.seed(f"fedmerge-sampling:{self._seed}:{self._calls}")
+        return nodes
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
+def ask_partitions(grid: Grid, num_clients: int, *, timeout: float) -> dict[int, int]:
+    """``{node id: partition id}`` of the connected nodes, asked once with a query message.
+
+    Waits (up to ``timeout``) for ``num_clients`` nodes, as FedAvg does before sampling.  Nodes
+    that do not answer (a ClientApp without the ``partition`` query) are missing from the map.
+    """
+    deadline = time.monotonic() + timeout
+    while len(nodes := list(grid.get_node_ids())) < num_clients and time.monotonic() < deadline:
+        time.sleep(0.5)
+    messages = [Message(RecordDict(), dst_node_id=node, message_type=PARTITION_QUERY) for node in nodes]
+    partition_of = {}
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        pid = _partition_id(reply)
+        if pid is not None:
+            partition_of[int(reply.metadata.src_node_id)] = pid
+    return partition_of
+
+
 # --------------------------------------------------------------------------- the app
 
 app = ServerApp()
@@ -379,6 +431,14 @@ def main(grid: Grid, context: Context) -> None:
     recorder = RunRecorder(config, out_dir)
     try:
         recorder.instrument(strategy)
+        if float(config["fraction"]) < 1 or float(config["fraction-evaluate"]) < 1:
+            # sampled clients: the same seed must sample the same partitions in every run
+            num_clients = int(config["num-clients"])
+            partition_of = ask_partitions(grid, num_clients, timeout=float(config["round-timeout"]))
+            if len(partition_of) < num_clients:
+                log(WARNING, "only %d of %d clients told their partition id: client sampling is not "
+                    "reproducible across runs", len(partition_of), num_clients)
+            grid = PartitionOrderedGrid(grid, partition_of, int(config["seed"]))
         initial = ArrayRecord(recorder.model.state_dict())
         strategy.start(
             grid=grid,

@@ -221,3 +221,35 @@ def test_fedma_command_is_accepted_with_cifar10_in_data_dir(tmp_path):
     assert config["model"] == "vgg9" and config["dataset"] == "cifar10" and config["num-clients"] == 16
     strategy = make_strategy(config)
     assert isinstance(strategy, C2M3) and "features.0" in strategy.spec.sizes
+
+
+def test_partition_ordered_grid_lists_nodes_by_partition_and_samples_reproducibly():
+    """What Flower's FedAvg sees: node ids sorted by partition (unknown ones last), and the same
+    ``random.sample`` after each listing whatever the node ids are, for the same seed."""
+    import random
+
+    from simulations.server_app import PartitionOrderedGrid
+
+    class Nodes:  # the one Grid method the wrapper changes, plus one it must pass through
+        def __init__(self, ids):
+            self.ids = ids
+
+        def get_node_ids(self):
+            return list(self.ids)
+
+        def get_run_id(self):
+            return 7
+
+    def draws(ids, partition_of, seed):
+        grid = PartitionOrderedGrid(Nodes(ids), partition_of, seed)
+        out = []
+        for _ in range(3):  # as FedAvg: list the nodes, then sample from the list
+            nodes = grid.get_node_ids()
+            out.append(sorted(partition_of.get(n, -1) for n in random.sample(nodes, 2)))
+        return out, nodes, grid
+
+    first, nodes, grid = draws([90, 11, 55, 23], {90: 0, 11: 3, 55: 1}, seed=4)
+    assert nodes == [90, 55, 11, 23] and grid.get_run_id() == 7
+    # other node ids, same partitions: the same draws
+    second, _, _ = draws([5, 800, 77, 3], {5: 0, 800: 3, 77: 1}, seed=4)
+    assert first == second

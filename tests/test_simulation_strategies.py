@@ -3,8 +3,8 @@
 The module fixture runs, in one subprocess (Python and Flower imported once; Ray starts per run),
 a 2-round simulation with 4 clients on an MNIST subset for each merging strategy, under
 ``init "independent"`` (round 1 merges independently initialised models: the setting alignment
-is for), plus a C²M³ run (shared init) whose ClientApp has a crashing client and a client sending
-NaN weights.
+is for), two C²M³ runs sampling half of the clients with the same seed, and a C²M³ run (shared
+init) whose ClientApp has a crashing client and a client sending NaN weights.
 """
 
 from __future__ import annotations
@@ -30,6 +30,9 @@ from simulations import client_app, server_app
 from tests import faulty_client_app
 
 runs = [(name, client_app.app, {{}}) for name in {merging!r}]
+# half the clients sampled per round, twice with the same seed: the same partitions must be drawn
+sampled = {{"strategy": "c2m3", "init": "shared", "fraction": 0.5, "fraction-evaluate": 0.5}}
+runs += [("sampled-a", client_app.app, sampled), ("sampled-b", client_app.app, sampled)]
 # the faulty run checks failure handling, so its clients share the initial model: its accuracy then
 # does not hinge on a one-shot merge of 2 independently initialised models (0.25-0.58 measured)
 runs.append(("faulty", faulty_client_app.app, {{"strategy": "c2m3", "init": "shared"}}))
@@ -61,7 +64,7 @@ def runs(tmp_path_factory):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"simulations failed ({proc.returncode}):\n{proc.stderr[-6000:]}"
     return {name: json.loads((out / name / "results.json").read_text())
-            for name in (*MERGING, "faulty")}, proc, out
+            for name in (*MERGING, "faulty", "sampled-a", "sampled-b")}, proc, out
 
 
 @pytest.mark.parametrize("strategy", MERGING)
@@ -107,3 +110,15 @@ def test_bad_clients_are_left_out_and_recorded(runs):
         assert r["train_replies"] == CLIENTS and r["clients_merged"] == CLIENTS - 2
         assert r["train_failures"] == 2 and len(r["failures"]) == 2
     assert results["final"]["test_accuracy"] > 0.3
+
+
+def test_sampling_a_fraction_of_clients_is_reproducible(runs):
+    """Node ids are random per run; with the same seed the same partitions train and evaluate."""
+    first, second = runs[0]["sampled-a"], runs[0]["sampled-b"]
+    assert first["complete"] is True and second["complete"] is True
+    for a, b in zip(first["rounds"], second["rounds"], strict=True):
+        assert len(a["train_partitions"]) == CLIENTS // 2 and len(a["evaluate_partitions"]) == CLIENTS // 2
+        assert a["train_partitions"] == b["train_partitions"]
+        assert a["evaluate_partitions"] == b["evaluate_partitions"]
+        assert a["test_accuracy"] == b["test_accuracy"]
+    assert len(first["rounds"]) == ROUNDS
