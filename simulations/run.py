@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     adv.add_argument("--stop-on-failure", action="store_true",
                      help="stop the run at the first failed or malformed client reply (default: leave the "
                           "client out of that round and record why in results.json)")
-    adv.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bar over rounds")
+    adv.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars (over rounds and over the replies of each round)")
     adv.add_argument("--verbose", action="store_true", help="show Flower's INFO log")
     return p
 

@@ -32,7 +32,7 @@ from tests import faulty_client_app
 runs = [(name, client_app.app, {{}}) for name in {merging!r}]
 # half the clients sampled per round, twice with the same seed: the same partitions must be drawn
 sampled = {{"strategy": "c2m3", "init": "shared", "fraction": 0.5, "fraction-evaluate": 0.5}}
-runs += [("sampled-a", client_app.app, sampled), ("sampled-b", client_app.app, sampled)]
+runs += [("sampled-a", client_app.app, sampled), ("sampled-b", client_app.app, {{**sampled, "progress": True}})]
 # the faulty run checks failure handling, so its clients share the initial model: its accuracy then
 # does not hinge on a one-shot merge of 2 independently initialised models (0.25-0.58 measured)
 runs.append(("faulty", faulty_client_app.app, {{"strategy": "c2m3", "init": "shared"}}))
@@ -122,3 +122,10 @@ def test_sampling_a_fraction_of_clients_is_reproducible(runs):
         assert a["evaluate_partitions"] == b["evaluate_partitions"]
         assert a["test_accuracy"] == b["test_accuracy"]
     assert len(first["rounds"]) == ROUNDS
+
+
+def test_progress_bars_follow_the_replies_inside_each_round(runs):
+    """With progress on (run "sampled-b"), a bar counts the clients' replies of every round."""
+    stderr = runs[1].stderr
+    assert "train replies" in stderr and "evaluate replies" in stderr
+    assert f"{CLIENTS // 2}/{CLIENTS // 2}" in stderr  # the sampled half, all replied
