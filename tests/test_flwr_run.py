@@ -73,7 +73,7 @@ def test_flwr_run_runs_the_app_on_the_simulation_engine(tmp_path):
     cmd = [str(flwr), "run", ".", "--stream",
            "--federation-config", "num-supernodes=3 client-resources-num-cpus=1",
            "--run-config", f"num-clients=3 num-rounds=1 init='shared' max-train-samples=3000 "
-                           f"max-test-samples=300 local-epochs=2 out='{out}'"]
+                           f"max-test-samples=300 local-epochs=2 fraction-evaluate=0.67 out='{out}'"]
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     finally:
@@ -87,3 +87,7 @@ def test_flwr_run_runs_the_app_on_the_simulation_engine(tmp_path):
     (round1,) = results["rounds"]
     assert round1["clients_merged"] == 3 and round1["match_cycle_error"] == 0.0
     assert results["final"]["test_accuracy"] > 0.5  # chance: 0.1
+    # 2 of 3 clients evaluate: the partition query went through the deployment's SuperNodes too
+    assert len(round1["evaluate_partitions"]) == 2 and round1["train_partitions"] == [0, 1, 2]
+    logs = proc.stdout + proc.stderr  # --stream carries the ServerApp's log
+    assert "aggregate_train" in logs and "sampling is not reproducible" not in logs
