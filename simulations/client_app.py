@@ -338,6 +338,5 @@ def partition_handler(msg: Message, context: Context) -> Message:
     Node ids are random in every simulation run; the server asks once, before round 1, when it
     samples a fraction of the clients, so that the same seed samples the same partitions.
     """
-    metrics = MetricRecord({"partition-id": int(context.node_config["partition-id"]),
-                            "num-partitions": int(context.node_config["num-partitions"])})
+    metrics = MetricRecord({"partition-id": int(context.node_config["partition-id"])})
     return Message(content=RecordDict({METRICS_KEY: metrics}), reply_to=msg)

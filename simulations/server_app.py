@@ -206,11 +206,15 @@ class RunRecorder:
     def _round(self, server_round: int) -> dict[str, Any]:
         return self.rounds.setdefault(server_round, {"round": server_round})
 
-    def _learn_partitions(self, replies: Iterable[Message]) -> None:
+    def _learn_partitions(self, replies: Iterable[Message]) -> list[int]:
+        """Remember each replying node's partition; return the partitions that replied, in order."""
+        partitions = []
         for msg in replies:
             pid = _partition_id(msg)
             if pid is not None:
                 self._partition_of[int(msg.metadata.src_node_id)] = pid
+                partitions.append(pid)
+        return partitions
 
     def _record_failures(self, server_round: int, phase: str, left_out: list[LeftOut]) -> None:
         """Keep left-out clients in results.json; raise if ``stop-on-failure`` is set."""
@@ -249,10 +253,10 @@ class RunRecorder:
 
         def timed_aggregate_train(server_round: int, replies: Iterable[Message]):
             replies = self._ordered(replies)
-            self._learn_partitions(replies)
+            partitions = self._learn_partitions(replies)
             rec = self._round(server_round)
             rec["train_replies"] = len(replies)
-            rec["train_partitions"] = [p for p in map(_partition_id, replies) if p is not None]
+            rec["train_partitions"] = partitions
             t0 = time.perf_counter()
             arrays, metrics = aggregate_train(server_round, replies)
             rec["aggregation_seconds"] = time.perf_counter() - t0
@@ -266,10 +270,10 @@ class RunRecorder:
 
         def recorded_aggregate_evaluate(server_round: int, replies: Iterable[Message]):
             replies = self._ordered(replies)
-            self._learn_partitions(replies)
+            partitions = self._learn_partitions(replies)
             rec = self._round(server_round)
             rec["evaluate_replies"] = len(replies)
-            rec["evaluate_partitions"] = [p for p in map(_partition_id, replies) if p is not None]
+            rec["evaluate_partitions"] = partitions
             metrics = self._without_partition_id(aggregate_evaluate(server_round, replies))
             self._record_failures(server_round, "evaluate", _left_out(strategy, "evaluate", server_round, replies))
             for key, value in (metrics or {}).items():
