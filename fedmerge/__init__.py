@@ -1,26 +1,34 @@
 """fedmerge: symmetry-aware model merging (Git Re-Basin, MergeMany, C²M³) for federated learning.
 
-The public API is small: :func:`match` finds, for each model, the permutation of its hidden units
-into a common space; :func:`merge` aligns and averages.  Both are pure functions over
-``state_dict`` s and a :class:`PermutationSpec`, which a zoo model writes by hand and any traceable
-``nn.Module`` gets from :func:`spec_from_module`.  Nothing here imports Flower.
+The public API is small: :func:`match` finds, for each model, the transform of its hidden units
+(a permutation, signed permutation or rotation per group, :mod:`fedmerge.symmetry`) into a common
+space; :func:`merge` aligns, averages and optionally repairs, each stage a registered name or a
+callable.  Both are pure functions over ``state_dict`` s and a :class:`SymmetrySpec`, which a zoo
+model writes by hand and any traceable ``nn.Module`` gets from :func:`spec_from_module`.  Nothing
+here imports Flower.
 """
 
-from .api import METHODS, match, merge
+from .api import ALIGNERS, AVERAGERS, METHODS, REPAIRERS, match, merge
 from .averaging import interpolate, weighted_average
 from .diagnostics import cycle_error, matching_objective, pairwise_cycle_error, pairwise_map
 from .matching import MatchResult
-from .permutation import (apply_permutation, compose_permutations, identity_permutation, invert_permutation,
-                          random_permutation)
-from .spec import PermutationSpec
+from . import permutation  # noqa: F401  (fedmerge.permutation.* stays reachable as before)
+from .progress import ProgressBar
+from .spec import PermutationSpec, SymmetrySpec
+from .symmetry import SignedPermutation
+from .transforms import (apply_permutation, apply_transform, compose_permutations, compose_transforms,
+                         identity_permutation, identity_transform, invert_permutation, invert_transform,
+                         random_permutation, random_transform)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "METHODS", "MatchResult", "PermutationSpec", "apply_permutation", "check_spec", "compose_permutations",
-    "cycle_error", "identity_permutation", "interpolate", "invert_permutation", "match", "matching_objective",
-    "merge", "pairwise_cycle_error", "pairwise_map", "random_permutation", "spec_for", "spec_from_module",
-    "weighted_average",
+    "ALIGNERS", "AVERAGERS", "METHODS", "MatchResult", "PermutationSpec", "ProgressBar", "REPAIRERS",
+    "SignedPermutation", "SymmetrySpec", "apply_permutation", "apply_transform", "check_spec",
+    "compose_permutations", "compose_transforms", "cycle_error", "identity_permutation", "identity_transform",
+    "interpolate", "invert_permutation", "invert_transform", "match", "matching_objective", "merge",
+    "pairwise_cycle_error", "pairwise_map", "random_permutation", "random_transform", "spec_for",
+    "spec_from_module", "weighted_average",
 ]
 
 

@@ -1,64 +1,115 @@
-"""The public entry points: :func:`match` (find the permutations) and :func:`merge` (align, then average).
+"""The public entry points: :func:`match` (align) and :func:`merge` (align, then average, then repair).
 
-Both are pure functions over lists of state_dicts plus a :class:`~fedmerge.spec.PermutationSpec`;
-``model`` (a template ``nn.Module``) is only ever used to derive the spec.  Every input is
-validated before any work, and errors name the model index and the key.
+Both are pure functions over lists of state_dicts plus a :class:`~fedmerge.spec.SymmetrySpec`;
+``model`` (a template ``nn.Module``) is only used to derive the spec.  Every input is validated
+before any work, and errors name the model index and the key.
+
+Merging is a pipeline of three stages, each a registered name or a callable, in the manner of
+``scipy.optimize.minimize(method=...)``:
+
+``align(state_dicts, spec, *, callback=None, **align_options)``
+    returns a :class:`MatchResult` (or a mapping with ``"transforms"``: one ``{group: element}``
+    per model into a common space; ``nit``, ``converged``, ``message``, ``history`` optional).
+    Registered: :data:`ALIGNERS`.
+``average(aligned_state_dicts, weights, **average_options)``
+    returns one state_dict; ``weights`` are normalised to sum to one.  Registered: :data:`AVERAGERS`.
+``repair(merged, aligned_state_dicts, weights, *, spec, model, **repair_options)``
+    returns the repaired state_dict.  Registered: :data:`REPAIRERS`.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
 from .averaging import weighted_average
 from .diagnostics import cycle_error, matching_objective
-from .matching import MatchResult, frank_wolfe_matching, merge_many_matching, reference_matching
-from .permutation import apply_permutation, identity_permutation
-from .spec import PermutationSpec
-from .validation import check_state_dicts, normalize_weights
+from .matching import MatchResult, c2m3_matching, git_rebasin_matching, mergemany_matching
+from .progress import Callback, ProgressBar, chain
+from .spec import SymmetrySpec
+from .transforms import apply_transform, check_transform, identity_transform
+from .validation import check_like, check_state_dicts, normalize_weights
 
-__all__ = ["match", "merge", "METHODS"]
+__all__ = ["ALIGNERS", "AVERAGERS", "METHODS", "REPAIRERS", "match", "merge"]
 
-#: Alignment methods accepted by :func:`match` and :func:`merge` (``None`` in ``merge`` = plain mean).
-METHODS = ("identity", "git-rebasin", "mergemany", "c2m3")
+StateDict = Mapping[str, torch.Tensor]
 
-_MATCHERS = {
-    "git-rebasin": reference_matching,
-    "mergemany": merge_many_matching,
-    "c2m3": frank_wolfe_matching,
+
+def identity_matching(state_dicts: Sequence[StateDict], spec: SymmetrySpec, *,
+                      callback: Callback | None = None) -> dict:
+    """The ``"identity"`` aligner: every model as it is."""
+    device = next(iter(state_dicts[0].values())).device
+    return {"transforms": [identity_transform(spec, device) for _ in state_dicts], "nit": 0, "converged": True,
+            "message": "no alignment", "history": []}
+
+
+def mean_average(state_dicts: Sequence[StateDict], weights: Sequence[float]) -> dict[str, torch.Tensor]:
+    """The ``"mean"`` averager: the weighted arithmetic mean (FedAvg's aggregation)."""
+    return weighted_average(state_dicts, weights, check=False)
+
+
+#: Aligners by name (``align=`` of :func:`merge`, ``method=`` of :func:`match`).
+ALIGNERS: dict[str, Callable[..., Any]] = {
+    "identity": identity_matching,
+    "git-rebasin": git_rebasin_matching,
+    "mergemany": mergemany_matching,
+    "c2m3": c2m3_matching,
 }
 
+#: Averagers by name (``average=`` of :func:`merge`).
+AVERAGERS: dict[str, Callable[..., Any]] = {"mean": mean_average}
 
-def _resolve_spec(spec: PermutationSpec | None, model: torch.nn.Module | None) -> PermutationSpec:
+#: Repair stages by name (``repair=`` of :func:`merge`); none is registered yet, a callable works.
+REPAIRERS: dict[str, Callable[..., Any]] = {}
+
+#: The names :func:`match` accepts (``None`` in :func:`merge` = plain mean, no alignment).
+METHODS = tuple(ALIGNERS)
+
+
+def _resolve_spec(spec: SymmetrySpec | None, model: torch.nn.Module | None) -> SymmetrySpec:
     if spec is not None:
-        if not isinstance(spec, PermutationSpec):
-            raise TypeError(f"spec must be a PermutationSpec, got {type(spec).__name__}")
+        if not isinstance(spec, SymmetrySpec):
+            raise TypeError(f"spec must be a SymmetrySpec (PermutationSpec), got {type(spec).__name__}")
         return spec
     if model is None:
-        raise ValueError("pass spec=PermutationSpec(...) or model=<template nn.Module> to derive it from")
+        raise ValueError("pass spec=SymmetrySpec(...) or model=<template nn.Module> to derive it from")
     from .tracing import spec_for
     return spec_for(model)
 
 
-def _method(method: str | None) -> str:
-    name = "identity" if method is None else str(method).lower().replace("_", "-")
-    if name not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    return name
+def _stage(value: str | Callable | None, registry: Mapping[str, Callable], what: str) -> tuple[str, Callable]:
+    """``(name, function)`` of a stage given by registered name or as a callable."""
+    if callable(value):
+        return getattr(value, "__name__", type(value).__name__), value
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be a name or a callable, got {type(value).__name__}")
+    name = value.lower().replace("_", "-")
+    if name not in registry:
+        known = ", ".join(registry) or "none is registered; pass a callable"
+        raise ValueError(f"unknown {what} {value!r}; choose one of {known}")
+    return name, registry[name]
 
 
-def _on_one_device(state_dicts: Sequence[Mapping[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+def _on_one_device(state_dicts: Sequence[StateDict]) -> list[dict[str, torch.Tensor]]:
     """Move every model to the first model's device, so mixed-device input never crashes."""
     device = next(iter(state_dicts[0].values())).device
     return [{k: v.to(device) for k, v in sd.items()} for sd in state_dicts]
 
 
-def match(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec: PermutationSpec | None = None,
-          method: str = "c2m3", *, model: torch.nn.Module | None = None, progress: bool = False,
-          **options) -> MatchResult:
-    """Find, for every model, the permutation that maps it into a common space.
+def _options(options: Mapping[str, Any] | None, name: str) -> dict[str, Any]:
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping):
+        raise TypeError(f"{name} must be a dict of options, got {type(options).__name__}")
+    return dict(options)
+
+
+def match(state_dicts: Sequence[StateDict], spec: SymmetrySpec | None = None,
+          method: str | Callable = "c2m3", *, model: torch.nn.Module | None = None, progress: bool = False,
+          callback: Callback | None = None, **options) -> MatchResult:
+    """Find, for every model, the transform that maps it into a common space.
 
     Parameters
     ----------
@@ -67,59 +118,105 @@ def match(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec: PermutationSp
     spec:
         Their symmetry; derived from ``model`` when omitted.
     method:
-        ``"c2m3"`` (default; cycle-consistent Frank-Wolfe, options ``max_iter=200``, ``tol=1e-6``,
-        ``patience=5``, ``factorize``), ``"mergemany"`` (``max_iter=100`` sweeps,
-        ``inner_max_iter``, ``seed``), ``"git-rebasin"`` (every model to ``reference=0``;
-        ``max_iter``, ``seed``) or ``"identity"``.
+        A name from :data:`ALIGNERS` or a callable ``method(state_dicts, spec, *, callback,
+        **options)`` (see the module docstring).  Names: ``"c2m3"`` (default; cycle-consistent
+        Frank-Wolfe, options ``max_iter=200``, ``tol=1e-6``, ``patience=5``, ``factorize``,
+        ``refine``, ``seed``), ``"mergemany"`` (``max_iter=100`` sweeps, ``inner_max_iter``,
+        ``seed``), ``"git-rebasin"`` (every model to ``reference=0``; ``max_iter``, ``seed``) or
+        ``"identity"``.
     progress:
-        Show a tqdm bar over iterations.
+        Show a tqdm bar per phase (:class:`fedmerge.progress.ProgressBar`).
+    callback:
+        ``callback(intermediate_result)`` after every iteration; return ``True`` (or raise
+        ``StopIteration``) to stop early (:mod:`fedmerge.progress`).
 
     Returns
     -------
     MatchResult
-        ``perms`` plus ``objective``, ``nit``, ``converged``, ``cycle_error``, ``seconds``, ...
+        ``transforms`` (alias ``perms``) plus ``objective``, ``nit``, ``converged``,
+        ``cycle_error``, ``seconds``, ...
     """
-    name = _method(method)
+    name, aligner = _stage("identity" if method is None else method, ALIGNERS, "method")
     spec = _resolve_spec(spec, model)
     check_state_dicts(state_dicts, spec)
     state_dicts = _on_one_device(state_dicts)
     n = len(state_dicts)
-    device = next(iter(state_dicts[0].values())).device
+    bar = ProgressBar() if progress else None
     start = time.perf_counter()
-    if name == "identity" or n == 1:
-        # one model is its own common space; a matcher's options stay valid (a federated round
-        # may well leave a single client), options given to "identity" are a mistake
-        if name == "identity" and options:
-            raise TypeError(f"unexpected options for method 'identity': {sorted(options)}")
-        out = {"perms": [identity_permutation(spec, device) for _ in range(n)], "nit": 0,
-               "converged": True, "message": "a single model: nothing to align" if n == 1 else "no alignment",
-               "history": []}
-    else:
-        out = _MATCHERS[name](state_dicts, spec, progress=progress, **options)
+    try:
+        if n == 1 and aligner is not identity_matching and not callable(method):
+            # one model is its own common space; a matcher's options stay valid (a federated
+            # round may well leave a single client)
+            out = identity_matching(state_dicts, spec)
+            out["message"] = "a single model: nothing to align"
+        else:
+            out = aligner(state_dicts, spec, callback=chain(callback, bar), **options)
+    finally:
+        if bar is not None:
+            bar.close()
     seconds = time.perf_counter() - start
+    out = _checked_alignment(out, name, spec, n)
     if "objective" not in out:
-        out["objective"] = matching_objective(state_dicts, spec, out["perms"]) if n > 1 else 0.0
+        out["objective"] = matching_objective(state_dicts, spec, out["transforms"]) if n > 1 else 0.0
     result = MatchResult(method=name, n_models=n, seconds=seconds, success=out["converged"], **out)
+    result.perms = result.transforms
     result.cycle_error = cycle_error(result.pairwise, n)
     return result
 
 
-def merge(state_dicts: Sequence[Mapping[str, torch.Tensor]], *, align: str | None = "c2m3",
-          weights: Sequence[float] | torch.Tensor | None = None, spec: PermutationSpec | None = None,
-          model: torch.nn.Module | None = None, full_output: bool = False, **options):
-    """Merge models into one: align them in a common space, then take the weighted mean there.
+def _checked_alignment(out: Any, name: str, spec: SymmetrySpec, n: int) -> dict:
+    """An aligner's return value as a dict with every field, or a ``ValueError`` naming the aligner."""
+    if not isinstance(out, Mapping):
+        raise ValueError(f"aligner {name!r} returned a {type(out).__name__}, not a MatchResult or mapping")
+    out = dict(out)
+    if "transforms" not in out and "perms" in out:
+        out["transforms"] = out.pop("perms")
+    transforms = out.get("transforms")
+    if not isinstance(transforms, Sequence) or len(transforms) != n:
+        got = len(transforms) if isinstance(transforms, Sequence) else type(transforms).__name__
+        raise ValueError(f"aligner {name!r} must return 'transforms', one per model ({n}); got {got}")
+    for i, t in enumerate(transforms):
+        check_transform(spec, t, name=f"aligner {name!r}, model {i}")
+    out.setdefault("nit", 0)
+    out.setdefault("converged", True)
+    out.setdefault("message", "")
+    out.setdefault("history", [])
+    for key in ("method", "n_models", "seconds", "success", "cycle_error", "perms"):
+        out.pop(key, None)  # recomputed by match()
+    return out
+
+
+def merge(state_dicts: Sequence[StateDict], *, align: str | Callable | None = "c2m3",
+          average: str | Callable = "mean", repair: str | Callable | None = None,
+          weights: Sequence[float] | torch.Tensor | None = None, spec: SymmetrySpec | None = None,
+          model: torch.nn.Module | None = None, align_options: Mapping[str, Any] | None = None,
+          average_options: Mapping[str, Any] | None = None, repair_options: Mapping[str, Any] | None = None,
+          callback: Callback | None = None, progress: bool = False, full_output: bool = False, **options):
+    """Merge models into one: align them in a common space, average them there, optionally repair.
 
     Parameters
     ----------
     align:
-        ``None`` (plain mean, FedAvg's aggregation), ``"git-rebasin"``, ``"mergemany"`` or
-        ``"c2m3"``; further ``options`` go to :func:`match`.
+        ``None`` (no alignment: the plain mean, FedAvg's aggregation), a name from
+        :data:`ALIGNERS` (``"c2m3"``, ``"mergemany"``, ``"git-rebasin"``, ``"identity"``) or a
+        callable (see :func:`match`).
+    average:
+        ``"mean"`` (the weighted mean) or a callable ``average(aligned, weights, **average_options)``.
+    repair:
+        ``None`` or a callable ``repair(merged, aligned, weights, *, spec, model, **repair_options)``
+        run on the averaged state_dict.
     weights:
         Per-model weights (e.g. client sample counts), normalised to sum to one; uniform if None.
     spec, model:
         The symmetry spec, or a template module to derive it from (not needed for ``align=None``).
+    align_options, average_options, repair_options:
+        Options of each stage, passed to that stage only.  Keyword ``**options`` are shorthand for
+        ``align_options`` (``merge(sds, max_iter=50)``); give one or the other.
+    callback, progress:
+        Progress of the alignment, as in :func:`match`.
     full_output:
-        Also return the :class:`MatchResult` (diagnostics: objective, nit, cycle_error, seconds).
+        Also return the :class:`MatchResult` (objective, nit, cycle_error, seconds, and
+        ``average``, ``repair``, ``stage_seconds``).
 
     Returns
     -------
@@ -128,18 +225,44 @@ def merge(state_dicts: Sequence[Mapping[str, torch.Tensor]], *, align: str | Non
     """
     check_state_dicts(state_dicts)
     w = normalize_weights(weights, len(state_dicts))
+    if options and align_options:
+        raise TypeError("give the aligner's options either as align_options= or as keyword arguments, not both")
+    align_options = _options(align_options, "align_options") or options
+    average_options = _options(average_options, "average_options")
+    repair_options = _options(repair_options, "repair_options")
+    average_name, averager = _stage(average, AVERAGERS, "average")
+    repair_name, repairer = (None, None) if repair is None else _stage(repair, REPAIRERS, "repair")
+    if repair is None and repair_options:
+        raise TypeError(f"repair_options given without a repair stage: {sorted(repair_options)}")
+    stage_seconds = {}
+
+    start = time.perf_counter()
     if align is None:
-        if options:
-            raise TypeError(f"unexpected options for align=None: {sorted(options)}")
-        start = time.perf_counter()
-        merged = weighted_average(state_dicts, w, check=False)
-        result = MatchResult(method="identity", n_models=len(state_dicts), perms=[], nit=0, converged=True,
+        if align_options:
+            raise TypeError(f"unexpected options for align=None: {sorted(align_options)}")
+        result = MatchResult(method="identity", n_models=len(state_dicts), transforms=[], perms=[], nit=0,
+                             converged=True,
                              success=True, message="no alignment", history=[], objective=float("nan"),
-                             cycle_error=0.0, seconds=time.perf_counter() - start)
+                             cycle_error=0.0, seconds=0.0)
+        aligned = list(state_dicts)
     else:
         spec = _resolve_spec(spec, model)
-        result = match(state_dicts, spec, align, **options)
+        result = match(state_dicts, spec, align, callback=callback, progress=progress, **align_options)
         state_dicts = _on_one_device(state_dicts)
-        aligned = [apply_permutation(sd, spec, p) for sd, p in zip(state_dicts, result.perms)]
-        merged = weighted_average(aligned, w, check=False)
+        aligned = [apply_transform(sd, spec, t, check=False) for sd, t in zip(state_dicts, result.transforms)]
+    stage_seconds["align"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    merged = averager(aligned, w, **average_options)
+    check_like(merged, aligned[0], name=f"the result of average={average_name!r}", reference_name="the models")
+    stage_seconds["average"] = time.perf_counter() - start
+
+    if repairer is not None:
+        start = time.perf_counter()
+        merged = repairer(merged, aligned, w, spec=spec, model=model, **repair_options)
+        check_like(merged, aligned[0], name=f"the result of repair={repair_name!r}", reference_name="the models")
+        stage_seconds["repair"] = time.perf_counter() - start
+    result.average, result.repair, result.stage_seconds = average_name, repair_name, stage_seconds
+    if align is None:
+        result.seconds = stage_seconds["average"]
     return (merged, result) if full_output else merged

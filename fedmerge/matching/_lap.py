@@ -1,8 +1,7 @@
 """Linear assignment problems, solved with ``scipy.optimize.linear_sum_assignment``.
 
 Frank-Wolfe solves one LAP per model and permutation group each iteration; they are independent,
-so they run on a small thread pool (scipy releases the GIL while solving: 240 recorded
-Frank-Wolfe gradients of 256 and 512 units took 1.92 s one after the other, 0.99 s on two threads).
+so they run on a small thread pool (scipy releases the GIL while solving).
 """
 
 from __future__ import annotations
@@ -50,8 +49,7 @@ def solve_lap_groups(scores: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
 
     Returns ``{group: (m, d)}``.  All problems go to the pool together, largest first, so that
     the threads do not wait for one another at the end of each group (one Frank-Wolfe iteration
-    solves 80 LAPs of two sizes for 20 MLPs; with the contraction changes of the same commit,
-    20 iterations went from 16.1-16.4 s to 15.1-15.3 s on 2 cores).
+    solves one LAP per model and group, of as many sizes as there are groups).
     """
     arrays = {g: s.detach().double().cpu().numpy() for g, s in scores.items()}
     jobs = sorted(((g, i) for g, a in arrays.items() for i in range(len(a))), key=lambda j: -arrays[j[0]].shape[1])

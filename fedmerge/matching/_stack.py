@@ -23,7 +23,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from ..spec import PermutationSpec
+from ..spec import SymmetrySpec
 
 
 def matricize(t: torch.Tensor, axis: int, d: int) -> tuple[torch.Tensor, torch.Size]:
@@ -60,8 +60,8 @@ class SoftPermutation:
     """Doubly-stochastic matrices ``(n, d, d)``, applied sparsely while they are nearly permutations.
 
     Frank-Wolfe iterates are convex combinations of a few permutation matrices, and in practice
-    stay close to one: measured on 20 MNIST MLPs, 1.0-1.2 non-zeros per column after 5-60
-    iterations.  ``P^T M`` then costs a gather-add over the non-zeros instead of a dense product.
+    stay close to one (about one non-zero per column on trained MLPs).  ``P^T M`` then costs a
+    gather-add over the non-zeros instead of a dense product.
     """
 
     def __init__(self, matrix: torch.Tensor):
@@ -122,7 +122,7 @@ class Stack:
     matching objective).
     """
 
-    spec: PermutationSpec
+    spec: SymmetrySpec
     weights: dict[str, torch.Tensor]
     axes: dict[str, list[tuple[int, str]]]
     n: int
@@ -130,7 +130,7 @@ class Stack:
 
     @classmethod
     def from_state_dicts(cls, state_dicts: Sequence[Mapping[str, torch.Tensor]],
-                         spec: PermutationSpec) -> "Stack":
+                         spec: SymmetrySpec) -> "Stack":
         device = state_dicts[0][next(iter(state_dicts[0]))].device
         weights, axes = {}, {}
         for key in spec.permuted_keys:

@@ -33,12 +33,15 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
+from scipy.optimize import OptimizeResult
 
-from ..spec import PermutationSpec
+from ..progress import STOPPED, Callback, report
+from ..spec import SymmetrySpec
+from ..transforms import compose_transforms, invert_transform
 from ._lap import solve_lap_groups
 from ._stack import SoftPermutation, Stack, contract_hard, linear_term, pair_objective, unstack_permutations
 
-__all__ = ["frank_wolfe_matching"]
+__all__ = ["c2m3_matching"]
 
 
 def _best_step(poly: np.ndarray) -> tuple[float, float]:
@@ -54,10 +57,10 @@ def _best_step(poly: np.ndarray) -> tuple[float, float]:
     return candidates[best], float(values[best] - values[0])
 
 
-def frank_wolfe_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec: PermutationSpec, *,
-                         max_iter: int = 200, tol: float = 1e-6, patience: int = 5,
-                         factorize: bool | None = None, refine: bool | int = False, seed: int | None = 0,
-                         progress: bool = False) -> dict:
+def c2m3_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec: SymmetrySpec, *,
+                  max_iter: int = 200, tol: float = 1e-6, patience: int = 5,
+                  factorize: bool | None = None, refine: bool | int = False, seed: int | None = 0,
+                  callback: Callback | None = None) -> dict:
     """Match ``n >= 2`` models into a common space with C²M³'s Frank-Wolfe (Algorithm 1).
 
     Parameters
@@ -78,16 +81,22 @@ def frank_wolfe_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec
         every permutation group once, re-solving that group's LAP against the sum of the other
         models with everything else held fixed (MergeMany's update with one pass over the groups
         instead of a full weight matching).  ``True`` sweeps until one changes nothing (a fixed
-        point: no single permutation can be improved; at most 1000 sweeps, 60-77 were measured
-        after 20 iterations on 20 MLPs), an integer caps the sweeps.  Each step
-        raises the same objective and the maps stay factorised, so cycle consistency is kept.
-        Measured on 20 MNIST MLPs (BENCHMARKS.md): 20 Frank-Wolfe iterations plus refinement end
-        above the objective of the paper's full run (154 iterations) in half its time on one set
-        of models, slightly below it on another: where it stops depends on where it starts.
+        point: no single permutation can be improved; at most 1000 sweeps), an integer caps the
+        sweeps.  Each step raises the same objective and the maps stay factorised, so cycle
+        consistency is kept.  Where it stops depends on where it starts: BENCHMARKS.md (a)
+        compares it with the paper's full run.
+    callback:
+        Called after every Frank-Wolfe iteration (phase ``"frank-wolfe"``, with ``objective``
+        and ``step``) and every refinement sweep (phase ``"refinement"``); see
+        :mod:`fedmerge.progress`.
 
-    Returns a dict with ``perms`` (one ``{group: index}`` per model, mapping it into the common
-    space), ``objective`` (Eq. 4 at the final permutations, each unordered pair once), ``nit``,
-    ``converged``, ``message`` and ``history`` (the relaxed objective after each iteration).
+    Frank-Wolfe runs over permutation matrices (the Birkhoff polytope), so groups of another
+    kind (signed-permutation, orthogonal) are aligned by permutations only — a subgroup of every
+    kind, so the result is still exact on permuted copies; the message says so.
+
+    Returns a dict with ``transforms`` (one ``{group: index}`` per model, mapping it into the
+    common space), ``objective`` (Eq. 4 at the final permutations, each unordered pair once),
+    ``nit``, ``converged``, ``message`` and ``history`` (the relaxed objective after each iteration).
     """
     n = len(state_dicts)
     if n < 2:
@@ -100,6 +109,9 @@ def frank_wolfe_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec
         raise ValueError(f"patience must be >= 1, got {patience}")
     if factorize is None:
         factorize = n > 2
+    restricted = sorted(g for g, k in spec.kinds.items() if k != "permutation")
+    if restricted:
+        spec = spec.with_kinds({g: "permutation" for g in restricted})
     stack = Stack.from_state_dicts(state_dicts, spec)
     dev = stack.device
     groups = stack.groups()
@@ -115,10 +127,6 @@ def frank_wolfe_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec
     slow = 0
     converged = False
     message = f"reached max_iter={max_iter}"
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=max_iter, desc=f"C²M³ Frank-Wolfe ({n} models)", unit="it")
 
     nit = 0
     for nit in range(1, max_iter + 1):
@@ -163,8 +171,7 @@ def frank_wolfe_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec
         del partial
         if step <= 0.0 or gain <= 0.0:
             converged, message = True, "no ascent direction left (step size 0)"
-            if bar is not None:
-                bar.update(1)
+            report(callback, method="c2m3", phase="frank-wolfe", nit=nit, max_iter=max_iter, objective=obj, step=0.0)
             break
         for g in groups:  # P <- (1 - t) P + t Π
             p = soft[g]
@@ -178,14 +185,14 @@ def frank_wolfe_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec
         else:
             slow = 0
         obj = new_obj
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(objective=f"{obj:.6g}", step=f"{step:.3g}")
+        stop = report(callback, method="c2m3", phase="frank-wolfe", nit=nit, max_iter=max_iter, objective=obj,
+                      step=step)
         if slow >= patience:
             converged, message = True, f"objective improved by less than tol={tol:g} for {patience} iterations"
             break
-    if bar is not None:
-        bar.close()
+        if stop:
+            message = STOPPED
+            break
 
     # ---- project every doubly-stochastic matrix to the nearest permutation
     rounded = solve_lap_groups({g: soft[g][free] for g in groups})
@@ -195,23 +202,28 @@ def frank_wolfe_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec
         idx[free] = rounded[g]
         hard[g] = idx
     perms = unstack_permutations(hard)
-    if refine:
-        from .mergemany import merge_many_matching
+    if refine and message != STOPPED:
+        from .mergemany import mergemany_matching
         sweeps = 1000 if refine is True else int(refine)  # sweeps only ever raise the objective: they end
+
+        def relabel(info):  # the sweeps report as this method's refinement phase
+            return callback(OptimizeResult({**info, "method": "c2m3", "phase": "refinement"}))
         # one LAP per model and group per sweep (block-coordinate ascent): a full weight matching per
         # model (MergeMany's inner loop) costs several times more and ended lower (BENCHMARKS.md (a))
-        polished = merge_many_matching(state_dicts, spec, init=perms, max_iter=sweeps, inner_max_iter=1,
-                                       seed=seed, progress=progress)
-        perms = polished["perms"]
+        polished = mergemany_matching(state_dicts, spec, init=perms, max_iter=sweeps, inner_max_iter=1,
+                                      seed=seed, callback=relabel if callback is not None else None)
+        perms = polished["transforms"]
         if not factorize:  # keep the first model's space as the common one
-            from ..permutation import compose_permutations, invert_permutation
-            back = invert_permutation(perms[0])
-            perms = [compose_permutations(p, back) for p in perms]
+            back = invert_transform(perms[0])
+            perms = [compose_transforms(p, back) for p in perms]
         hard = {g: torch.stack([p[g] for p in perms]) for g in groups}
         message += f"; then {polished['nit']} refinement sweep{'' if polished['nit'] == 1 else 's'}: {polished['message']}"
         converged = polished["converged"]  # the returned permutations are MergeMany's fixed point
+    if restricted:
+        message += (f"; groups {restricted} were aligned by permutations only (C²M³ searches permutations; "
+                    f"'mergemany' and 'git-rebasin' search each group's own kind)")
     return {
-        "perms": perms,
+        "transforms": perms,
         "objective": pair_objective(stack, hard),
         "nit": nit,
         "converged": converged,

@@ -1,42 +1,50 @@
-"""The one result object every matcher returns, in the manner of ``scipy.optimize.OptimizeResult``."""
+"""The one result object every aligner returns, in the manner of ``scipy.optimize.OptimizeResult``."""
 
 from __future__ import annotations
 
 from scipy.optimize import OptimizeResult
 
+from ..transforms import pairwise_map
+
 __all__ = ["MatchResult"]
 
 
 class MatchResult(OptimizeResult):
-    """Result of :func:`fedmerge.match`: a dict with attribute access.
+    """Result of :func:`fedmerge.match` and :func:`fedmerge.merge`: a dict with attribute access.
 
     Attributes
     ----------
-    perms : list[dict[str, Tensor]]
-        One permutation per model, mapping it into the common space ("universe"):
-        ``apply_permutation(state_dicts[i], spec, perms[i])`` is model ``i`` aligned.
+    transforms : list[dict[str, element]]
+        One transform per model, mapping it into the common space ("universe"):
+        ``apply_transform(state_dicts[i], spec, transforms[i])`` is model ``i`` aligned.  Elements
+        are those of each group's kind (:mod:`fedmerge.symmetry`): index vectors for permutations.
+    perms : list[dict[str, element]]
+        The same list, under its name for permutation-only specs (kept so that earlier code works).
     method : str
-        ``"identity"``, ``"git-rebasin"``, ``"mergemany"`` or ``"c2m3"``.
+        The aligner: ``"identity"``, ``"git-rebasin"``, ``"mergemany"``, ``"c2m3"`` or the name of
+        a user's callable.
     objective : float
-        Eq. 4 of C²M³ at the final permutations: ``sum_{p<q} <U_p, U_q>`` over permuted entries.
-        Higher means better aligned; comparable across methods on the same models.
+        Eq. 4 of C²M³ at the final transforms: ``sum_{p<q} <U_p, U_q>`` over the entries groups act
+        on.  Higher means better aligned; comparable across methods on the same models.
     nit : int
         Iterations: Frank-Wolfe steps (c2m3), sweeps over the models (mergemany), or the most
-        coordinate-descent sweeps of one weight matching (git-rebasin).
+        coordinate-ascent sweeps of one weight matching (git-rebasin).
     converged, success : bool
-        Whether the stopping rule was met before the iteration cap.
+        Whether the stopping rule was met before the iteration cap (False when stopped by the callback).
     cycle_error : float
-        Mean fraction of units that do not come back around a 3-cycle of the pairwise maps the
-        result defines (see :func:`fedmerge.diagnostics.cycle_error`); 0.0 for maps into a common space.
+        Mean defect, per unit, around the 3-cycles of the pairwise maps the result defines (see
+        :func:`fedmerge.diagnostics.cycle_error`).  Maps into one common space, as every aligner
+        here returns, compose to the identity around any cycle: 0 up to rounding, by construction.
     seconds : float
-        Wall time of the matching.
+        Wall time of the alignment.
     message : str
         Why it stopped.
     history : list
-        c2m3: relaxed objective after each iteration; mergemany: permutations changed per sweep.
+        c2m3: relaxed objective after each iteration; mergemany: models whose transform changed per sweep.
+
+    :func:`fedmerge.merge` adds ``average`` and ``repair`` (the stages' names) and ``stage_seconds``.
     """
 
     def pairwise(self, source: int, target: int) -> dict:
         """The map from model ``source`` into model ``target``'s unit order (``P^{target,source}``)."""
-        from ..diagnostics import pairwise_map
-        return pairwise_map(self.perms, source, target)
+        return pairwise_map(self.transforms, source, target)
