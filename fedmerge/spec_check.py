@@ -1,12 +1,15 @@
-"""The spec self-check: does permuting a model by its spec really leave its function unchanged?
+"""The spec self-check: does transforming a model by its spec really leave its function unchanged?
 
-A spec is a claim about a model: "reorder these axes together and the network computes the same
-thing".  That claim is cheap to test, and a wrong spec is otherwise invisible until merged models
-are inexplicably bad, so :func:`check_spec` tests it: it permutes the weights by a random
-permutation of every group, loads them into a copy of the model and compares outputs.  When they
-differ it does not stop at "wrong": it finds a group whose permutation alone breaks the model, then
-the first ``state_dict`` entry (in ``state_dict`` order) where adding or removing that group on a
-single axis repairs it, and names that entry and axis.
+A spec is a claim about a model: "transform these axes together, by any element of this group,
+and the network computes the same thing".  That claim is cheap to test, and a wrong spec is
+otherwise invisible until merged models are inexplicably bad, so :func:`check_spec` tests it: it
+draws a random element of every group's declared kind (a permutation, random signs times a
+permutation, a random rotation), transforms the weights by it, loads them into a copy of the
+model and compares outputs.  When they differ it does not stop at "wrong": it finds a group whose
+transformation alone breaks the model; if that group's kind is more general than permutations it
+tries whether a lower kind repairs it (units followed by a ReLU have permutations, not rotations,
+as their symmetry), then it looks for the first ``state_dict`` entry (in ``state_dict`` order)
+where adding or removing that group on a single axis repairs it, and names that entry and axis.
 """
 
 from __future__ import annotations
@@ -17,24 +20,31 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from .permutation import permute_axis, random_permutation
-from .spec import PermutationSpec
+from .spec import SymmetrySpec
+from .symmetry import KINDS, SignedPermutation, group_of_element
 from .tracing import spec_for
+from .transforms import random_transform
 
 __all__ = ["SpecError", "check_spec"]
+
+#: From the least to the most general kind (each contains the ones before it).
+_KIND_ORDER = ("permutation", "signed-permutation", "orthogonal")
+_A_RANDOM = {"permutation": "a random permutation", "signed-permutation": "a random signed permutation",
+             "orthogonal": "a random rotation"}
 
 
 class SpecError(ValueError):
     """The spec does not describe a symmetry of the model.
 
     ``key``, ``axis`` and ``group`` locate the error when a single-axis fix was found (else
-    ``key`` and ``axis`` are ``None``); ``diff`` is the output change it causes.
+    ``key`` and ``axis`` are ``None``); ``diff`` is the output change it causes.  When the group's
+    declared kind is wrong but a lower kind works, ``kind`` is that kind (else ``None``).
     """
 
     def __init__(self, message: str, *, key: str | None = None, axis: int | None = None,
-                 group: str | None = None, diff: float | None = None) -> None:
+                 group: str | None = None, diff: float | None = None, kind: str | None = None) -> None:
         super().__init__(message)
-        self.key, self.axis, self.group, self.diff = key, axis, group, diff
+        self.key, self.axis, self.group, self.diff, self.kind = key, axis, group, diff, kind
 
 
 def _without_constant_entries(state: Mapping[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
@@ -86,22 +96,41 @@ def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return d if d == d else float("inf")  # NaN counts as different
 
 
-def _apply(state: Mapping[str, torch.Tensor], axes: Mapping[str, tuple], perm: Mapping[str, torch.Tensor]
+def _apply(state: Mapping[str, torch.Tensor], axes: Mapping[str, tuple], transform: Mapping[str, Any]
            ) -> dict[str, torch.Tensor]:
-    """Like :func:`~fedmerge.permutation.apply_permutation`, for an axes table that may not be a valid spec."""
+    """Like :func:`~fedmerge.transforms.apply_transform`, for an axes table that may not be a valid spec."""
     out = {}
     for key, t in state.items():
         for a, g in enumerate(axes[key]):
-            if g is not None and g in perm:
-                t = permute_axis(t, a, perm[g])
+            if g is not None and g in transform:
+                t = group_of_element(transform[g]).act(t, a, transform[g])
         out[key] = t
     return out
 
 
-def _nontrivial(perm: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Replace identity permutations (likely for tiny groups) by a cyclic shift: they test nothing."""
-    return {g: (p.roll(1) if p.numel() > 1 and torch.equal(p, torch.arange(p.numel(), device=p.device)) else p)
-            for g, p in perm.items()}
+def _nontrivial(element: Any) -> Any:
+    """Make a random element test something: no identity permutation (likely for tiny groups), at
+    least one sign flip, and a rotation that is orthogonal to float64 precision."""
+    if isinstance(element, SignedPermutation):
+        index, signs = element.index, element.signs.clone()
+        if not bool((signs < 0).any()):
+            signs[0] = -1.0
+        return SignedPermutation(_nontrivial(index), signs)
+    if element.is_floating_point():  # a rotation: re-orthonormalise in float64
+        q, r = torch.linalg.qr(element.double())
+        d = torch.diagonal(r)
+        q = q * torch.where(d < 0, -1.0, 1.0).to(q)
+        if q.shape[0] == 1 and float(q[0, 0]) > 0:
+            q = -q
+        return q
+    p = element
+    if p.numel() > 1 and torch.equal(p, torch.arange(p.numel(), device=p.device)):
+        return p.roll(1)
+    return p
+
+
+def _random_element(kind: str, d: int, generator: torch.Generator) -> Any:
+    return _nontrivial(KINDS[kind].random(d, generator))
 
 
 def _has_batch_statistics(model: nn.Module) -> bool:
@@ -112,20 +141,29 @@ def _has_dropout(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules())
 
 
-def check_spec(model: nn.Module, spec: PermutationSpec | None = None, example_input: Any = None, *,
+def _double(x: Any) -> Any:
+    return x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+
+def check_spec(model: nn.Module, spec: SymmetrySpec | None = None, example_input: Any = None, *,
                atol: float = 1e-5, rtol: float = 1e-5, seed: int = 0,
                modes: Iterable[str] = ("eval", "train")) -> None:
-    """Raise :class:`SpecError` unless permuting ``model`` by ``spec`` leaves its outputs unchanged.
+    """Raise :class:`SpecError` unless transforming ``model`` by ``spec`` leaves its outputs unchanged.
 
-    ``spec`` defaults to :func:`~fedmerge.tracing.spec_for` (the model's own ``permutation_spec()``
-    or the traced one).  ``example_input`` defaults to a random batch of ``model.input_shape``.
+    Every group is transformed by a random element of its declared kind (``spec.kinds``): a
+    permutation, a signed permutation (with at least one sign flip) or a rotation.  ``spec``
+    defaults to :func:`~fedmerge.tracing.spec_for` (the model's own ``permutation_spec()`` or the
+    traced one).  ``example_input`` defaults to a random batch of ``model.input_shape``.
     Outputs are compared in eval mode and, for models with BatchNorm, in train mode too (where BN
     uses batch statistics instead of its running buffers, so both paths are checked).  Train mode is
     skipped for models with active dropout: its random masks are drawn by position, so a permuted
     model would drop different units and the comparison would be meaningless.  The model itself is
     not modified.  Outputs agree when they differ by at most ``atol + rtol * max|output|``: float32
     sums taken in another order differ by rounding, which grows with the outputs' scale, while a
-    wrong spec changes outputs on the scale of the outputs themselves.
+    wrong spec changes outputs on the scale of the outputs themselves.  A rotation mixes every
+    unit of a group into every other, which changes rounding far more than a reordering, so when
+    the spec has signed or orthogonal groups the comparison runs on a float64 copy of the model
+    (unless the model cannot run in float64).
 
     Entries whose values are all equal — a fresh model's zero biases, unit norm scales, and
     BatchNorm's initial running statistics — would hide a wrong spec, since permuting them changes
@@ -157,18 +195,35 @@ def check_spec(model: nn.Module, spec: PermutationSpec | None = None, example_in
             torch.manual_seed(seed)
             return _tensors(probe(*inputs))
 
-    perm = _nontrivial(random_permutation(spec, seed))
+    if not spec.is_permutation_only:
+        native = (probe, state, inputs)
+        try:
+            probe = copy.deepcopy(model).double()
+            state = {k: _double(v) for k, v in state.items()}
+            inputs = tuple(_double(x) for x in inputs)
+            outputs(state, "eval")
+        except Exception:  # e.g. a forward that builds float32 tensors of its own
+            probe, state, inputs = native
+
+    generator = torch.Generator().manual_seed(seed)
+    transform = {g: _nontrivial(e) for g, e in random_transform(spec, generator).items()}
     for mode in run_modes:
         reference = outputs(state, mode)
         tol = atol + rtol * max((float(r.abs().max()) for r in reference if r.numel()), default=0.0)
-        diff = _max_diff(reference, outputs(_apply(state, spec.axes, perm), mode))
+        diff = _max_diff(reference, outputs(_apply(state, spec.axes, transform), mode))
         if not diff <= tol:
-            raise _locate(spec, state, perm, reference, lambda sd, m=mode: outputs(sd, m), mode, tol, diff)
+            raise _locate(spec, state, transform, reference, lambda sd, m=mode: outputs(sd, m), mode, tol, diff,
+                          generator)
 
 
-def _locate(spec: PermutationSpec, state: Mapping[str, torch.Tensor], perm: Mapping[str, torch.Tensor],
-            reference: list[torch.Tensor], outputs: Callable, mode: str, atol: float, diff: float) -> SpecError:
-    """Find where the spec is wrong: a group that breaks the model alone, then a one-axis repair."""
+def _locate(spec: SymmetrySpec, state: Mapping[str, torch.Tensor], transform: Mapping[str, Any],
+            reference: list[torch.Tensor], outputs: Callable, mode: str, atol: float, diff: float,
+            generator: torch.Generator) -> SpecError:
+    """Find where the spec is wrong: a group that breaks the model alone, its kind, then a one-axis repair."""
+
+    def change(axes: Mapping[str, tuple], t: Mapping[str, Any]) -> float:
+        return _max_diff(reference, outputs(_apply(state, axes, t)))
+
     order: list[str] = []  # groups by first appearance in state_dict order
     for key in state:
         for g in spec.axes[key]:
@@ -176,35 +231,57 @@ def _locate(spec: PermutationSpec, state: Mapping[str, torch.Tensor], perm: Mapp
                 order.append(g)
     culprit, culprit_diff = None, 0.0
     for g in order:
-        d = _max_diff(reference, outputs(_apply(state, spec.axes, {g: perm[g]})))
+        d = change(spec.axes, {g: transform[g]})
         if not d <= atol:
             culprit, culprit_diff = g, d
             break
     if culprit is None:
+        verb = "permuting" if spec.is_permutation_only else "transforming"
         return SpecError(
-            f"spec is wrong: permuting all groups together changes the output by {diff:.1e} in {mode} mode, "
-            f"but no group alone does; look for groups that should be one (e.g. both sides of a residual "
-            f"connection)", diff=diff)
-    g, size, single = culprit, spec.sizes[culprit], {culprit: perm[culprit]}
-    for key in state:
-        shape = state[key].shape
-        for a, h in enumerate(spec.axes[key]):
-            if h == g:
-                fix, should = None, f"should not be permuted by group {g!r}"
-            elif size > 1 and shape[a] % size == 0:
-                fix = g
-                should = f"should be permuted by group {g!r}" + (f" instead of {h!r}" if h is not None else "")
-            else:
-                continue
-            axes = dict(spec.axes)
-            ax = list(axes[key])
-            ax[a] = fix
-            axes[key] = tuple(ax)
-            if _max_diff(reference, outputs(_apply(state, axes, single))) <= atol:
-                return SpecError(
-                    f"spec is wrong at {key!r}: axis {a} {should} (permuting that group alone changes the "
-                    f"output by {culprit_diff:.1e} in {mode} mode)", key=key, axis=a, group=g, diff=culprit_diff)
+            f"spec is wrong: {verb} all groups together changes the output by {diff:.1e} in {mode} mode, but no "
+            f"group alone does; look for groups that should be one (e.g. both sides of a residual connection)",
+            diff=diff)
+    g, size, kind = culprit, spec.sizes[culprit], spec.kinds[culprit]
+    lower_kinds = list(reversed(_KIND_ORDER[:_KIND_ORDER.index(kind)]))  # most general first
+    for lower in lower_kinds:
+        if change(spec.axes, {g: _random_element(lower, size, generator)}) <= atol:
+            why = ("an odd nonlinearity (e.g. tanh)" if lower == "signed-permutation" else
+                   "a nonlinearity that is not odd (e.g. ReLU)" if kind == "signed-permutation" else
+                   "a nonlinearity")
+            return SpecError(
+                f"spec is wrong: group {g!r} is declared {kind} but {_A_RANDOM[kind]} of its units changes "
+                f"the output by {culprit_diff:.1e} in {mode} mode, while {_A_RANDOM[lower]} leaves it "
+                f"unchanged; its units are probably followed by {why}: use {lower!r} "
+                f"(spec.with_kinds({{{g!r}: {lower!r}}}))", group=g, diff=culprit_diff, kind=lower)
+    verb, moved = ("permuting", "permuted") if kind == "permutation" else ("transforming", "transformed")
+    # one-axis repairs, with the declared kind's element, then (the kind may be wrong too) a permutation
+    candidates = [transform[g]] + ([_random_element("permutation", size, generator)] if lower_kinds else [])
+    for i, element in enumerate(candidates):
+        single = {g: element}
+        for key in state:
+            shape = state[key].shape
+            for a, h in enumerate(spec.axes[key]):
+                if h == g:
+                    fix, should = None, f"should not be {moved} by group {g!r}"
+                elif size > 1 and shape[a] % size == 0:
+                    fix = g
+                    should = f"should be {moved} by group {g!r}" + (f" instead of {h!r}" if h is not None else "")
+                else:
+                    continue
+                axes = dict(spec.axes)
+                ax = list(axes[key])
+                ax[a] = fix
+                axes[key] = tuple(ax)
+                if change(axes, single) <= atol:
+                    also = (f"; with that repair {_A_RANDOM[kind]} still changes the output, so the group's "
+                            f"declared kind {kind!r} is probably wrong too") if i else ""
+                    return SpecError(
+                        f"spec is wrong at {key!r}: axis {a} {should} ({verb} that group alone changes the "
+                        f"output by {culprit_diff:.1e} in {mode} mode{also})", key=key, axis=a, group=g,
+                        diff=culprit_diff)
     places = ", ".join(f"{k}[{a}]" for k, a in spec.groups[g])
+    what = "" if kind == "permutation" else f" by {_A_RANDOM[kind]} ({kind})"
     return SpecError(
-        f"spec is wrong for group {g!r}: permuting it alone changes the output by {culprit_diff:.1e} in {mode} "
-        f"mode, and no change on a single axis repairs it. It acts on: {places}", group=g, diff=culprit_diff)
+        f"spec is wrong for group {g!r}: {verb} it alone{what} changes the output by {culprit_diff:.1e} in "
+        f"{mode} mode, and no change on a single axis repairs it. It acts on: {places}", group=g,
+        diff=culprit_diff)

@@ -73,6 +73,9 @@ class Group(Protocol):
     def random(self, d: int, generator: torch.Generator | None = None, device: Any = None) -> Any:
         """A random element (uniform: Haar measure for rotations)."""
 
+    def from_permutation(self, index: torch.Tensor) -> Any:
+        """The element of this group that is the permutation ``index`` (every kind contains them)."""
+
     def best_response(self, score: torch.Tensor) -> Any:
         """``argmax_g <score, M(g)>``: ``score[k, i]`` rates sending input unit ``k`` to unit ``i``."""
 
@@ -148,6 +151,9 @@ class Permutation:
     def random(self, d, generator=None, device=None):
         return torch.randperm(d, generator=generator).to(device)
 
+    def from_permutation(self, index):
+        return index
+
     def best_response(self, score):
         return _lap(score)
 
@@ -190,6 +196,9 @@ class SignedPermutationGroup:
         index = torch.randperm(d, generator=generator)
         signs = torch.randint(0, 2, (d,), generator=generator).mul(2).sub(1).float()
         return SignedPermutation(index.to(device), signs.to(device))
+
+    def from_permutation(self, index):
+        return SignedPermutation(index, torch.ones(index.numel(), device=index.device))
 
     def best_response(self, score):
         index = _lap(score.abs())
@@ -243,6 +252,9 @@ class Orthogonal:
         q, r = torch.linalg.qr(z)
         q = q * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, torch.ones(d, dtype=torch.float64))
         return q.float().to(device)
+
+    def from_permutation(self, index):
+        return KINDS["permutation"].matrix(index)
 
     def best_response(self, score):
         # orthogonal Procrustes: max_Q <S, Q> = tr(Sᵀ Q) is attained at Q = U Vᵀ for S = U Σ Vᵀ

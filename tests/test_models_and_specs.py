@@ -2,6 +2,8 @@
 
 The central property: a random permutation applied by the spec leaves the network's function
 unchanged (eval mode, and train mode for BatchNorm nets), and the traced spec is the hand spec.
+For groups of other kinds, a random element of the inferred kind (a rotation, a signed
+permutation) leaves the function unchanged too, while one of the next more general kind does not.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from fedmerge.models import MLP, MODELS, VGG, ResNet20, SmallCNN, build_model, r
 from fedmerge.permutation import apply_permutation, random_permutation
 from fedmerge.spec import PermutationSpec
 from fedmerge.spec_check import SpecError, check_spec
+from fedmerge.transforms import apply_transform, random_transform
 from fedmerge.tracing import (TracingError, UnsupportedModuleError, UntraceableModuleError, spec_for,
                               spec_from_module)
 
@@ -568,17 +571,22 @@ def test_buffers_read_in_forward_stay_unpermuted():
             self.register_buffer("mean", torch.randn(1, 3, 1, 1))
             self.conv = nn.Conv2d(3, 4, 3)
             self.scale = nn.Parameter(torch.rand(4, 1, 1) + 0.5)
-            self.fc = nn.Linear(4, 2)
+            self.fc = nn.Linear(4, 6)
+            self.out = nn.Linear(6, 2)
 
         def forward(self, x):
             h = self.conv(x - self.mean) * self.scale  # a per-channel parameter used by hand
-            return self.fc(h.mean((2, 3)))
+            return self.out(F.relu(self.fc(h.mean((2, 3)))))
 
     model = Normalised()
     spec = spec_from_module(model, torch.randn(2, 3, 5, 5))
     assert spec.axes["mean"] == (None, None, None, None)
     assert spec.axes["scale"] == (None, None, None) and spec.axes["conv.weight"][0] is None  # kept safe
+    # the hidden units after them are still free, so the check below has a group to transform
+    assert spec.axes["fc.weight"] == ("fc", None) and list(spec.sizes) == ["fc"]
     check_spec(model, spec, torch.randn(2, 3, 5, 5))
+    with pytest.raises(SpecError, match=r"'fc\.bias'"):
+        check_spec(model, broken(spec, "fc.bias", (None,)), torch.randn(2, 3, 5, 5))
 
 
 def test_concat_and_groupnorm_with_two_groups_are_refused():
@@ -620,3 +628,194 @@ def test_vgg_uses_he_init_so_that_deep_plain_vggs_train():
     assert torch.count_nonzero(conv.bias) == 0
     fc = model.classifier[0]  # 4096 -> 512
     assert fc.weight.std().item() == pytest.approx((2 / 4096) ** 0.5, rel=0.05)
+
+
+# ----------------------------------------------------------------------------- group kinds
+
+KIND_ABOVE = {"permutation": "signed-permutation", "signed-permutation": "orthogonal"}
+
+
+def max_change(model: nn.Module, spec: PermutationSpec, x: torch.Tensor, transform: dict, mode="eval") -> float:
+    """How much transforming the weights by ``transform`` changes the outputs, in float64."""
+    state = {k: v.double() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    return float((outputs(model, state, x, mode) - outputs(model, apply_transform(state, spec, transform), x, mode))
+                 .abs().max())
+
+
+def mlp_with(act: nn.Module) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), act, nn.Linear(8, 7), copy.deepcopy(act), nn.Linear(7, 3)).eval()
+
+
+class Unary(nn.Module):
+    """fc2(op(fc1(x))): one hidden group whose kind only ``op`` decides."""
+
+    def __init__(self, op):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.op, self.fc2 = nn.Linear(6, 8), op, nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(self.op(self.fc1(x)))
+
+
+class ConvUnary(nn.Module):
+    """fc(flatten(op(conv(x)))) on 8x8 inputs: the kind of the conv's channel group is up to ``op``."""
+
+    def __init__(self, op):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.op = nn.Conv2d(3, 4, 3, padding=1), op
+        self.fc = nn.Linear(op(torch.zeros(1, 4, 8, 8)).numel(), 3)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.op(self.conv(x)), start_dim=1))
+
+
+class ResidualMLP(nn.Module):
+    """head(s + branch(s)) with s = inp(x): the stream and the branch's output are one group."""
+
+    def __init__(self, relu: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.branch, self.head = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+        self.relu = relu
+
+    def forward(self, x):
+        s = self.inp(x)
+        t = self.branch(s)
+        return self.head(s + (F.relu(t) if self.relu else t))
+
+
+def norm_mlp(norm: nn.Module) -> nn.Sequential:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), norm, nn.Linear(8, 3))
+    with torch.no_grad():
+        for key, t in norm.state_dict().items():
+            if t.is_floating_point():
+                t.copy_(torch.rand(t.shape) + 0.5 if key in ("weight", "running_var") else torch.randn(t.shape) * 0.3)
+    return model.eval()
+
+
+MLP_CASES = {  # name: (model, input, expected kind of the first hidden group)
+    "identity": (lambda: mlp_with(nn.Identity()), (5, 6), "orthogonal"),
+    "tanh": (lambda: mlp_with(nn.Tanh()), (5, 6), "signed-permutation"),
+    "relu": (lambda: mlp_with(nn.ReLU()), (5, 6), "permutation"),
+    "dropout": (lambda: mlp_with(nn.Dropout(0.3)), (5, 6), "signed-permutation"),
+    "hardtanh": (lambda: mlp_with(nn.Hardtanh(-0.5, 0.5)), (5, 6), "signed-permutation"),
+    "relu6": (lambda: mlp_with(nn.ReLU6()), (5, 6), "permutation"),  # Hardtanh(0, 6)
+    "batchnorm": (lambda: norm_mlp(nn.BatchNorm1d(8)), (5, 6), "permutation"),
+    "layernorm": (lambda: norm_mlp(nn.LayerNorm(8)), (5, 6), "permutation"),
+    "residual": (lambda: ResidualMLP(relu=False), (5, 6), "orthogonal"),
+    "residual-relu-branch": (lambda: ResidualMLP(relu=True), (5, 6), "permutation"),
+    # functions and methods, positional and keyword arguments
+    "neg-and-scale": (lambda: Unary(lambda h: -h * 2.5 / 1.5), (5, 6), "orthogonal"),
+    "to-contiguous": (lambda: Unary(lambda h: h.to(h.dtype).contiguous().clone()), (5, 6), "orthogonal"),
+    "torch.tanh": (lambda: Unary(torch.tanh), (5, 6), "signed-permutation"),
+    "sin": (lambda: Unary(torch.sin), (5, 6), "signed-permutation"),
+    "softsign": (lambda: Unary(F.softsign), (5, 6), "signed-permutation"),
+    "F.dropout": (lambda: Unary(lambda h: F.dropout(h, 0.3, training=False)), (5, 6), "signed-permutation"),
+    "hardtanh-kw": (lambda: Unary(lambda h: F.hardtanh(h, min_val=-0.5, max_val=0.5)), (5, 6),
+                    "signed-permutation"),
+    "hardtanh-asymmetric": (lambda: Unary(lambda h: F.hardtanh(h, -0.5, 1.0)), (5, 6), "permutation"),
+    "clamp-symmetric": (lambda: Unary(lambda h: h.clamp(-0.5, 0.5)), (5, 6), "signed-permutation"),
+    "clamp-min": (lambda: Unary(lambda h: torch.clamp(h, min=0.0)), (5, 6), "permutation"),
+    "shift": (lambda: Unary(lambda h: h + 0.1), (5, 6), "permutation"),
+    "gelu": (lambda: Unary(F.gelu), (5, 6), "permutation"),
+    "sigmoid": (lambda: Unary(torch.sigmoid), (5, 6), "permutation"),
+    "softmax": (lambda: Unary(lambda h: h.softmax(dim=-1)), (5, 6), "permutation"),
+    "square": (lambda: Unary(lambda h: h * h), (5, 6), "permutation"),
+    # spatial operations on conv channels
+    "avg-pool": (lambda: ConvUnary(lambda h: F.avg_pool2d(h, kernel_size=2)), (3, 3, 8, 8), "orthogonal"),
+    "zero-pad": (lambda: ConvUnary(lambda h: F.pad(h, pad=(1, 1, 1, 1))), (3, 3, 8, 8), "orthogonal"),
+    "reflect-pad": (lambda: ConvUnary(nn.ReflectionPad2d(1)), (3, 3, 8, 8), "orthogonal"),
+    "upsample": (lambda: ConvUnary(lambda h: F.interpolate(h, scale_factor=2, mode="bilinear")), (3, 3, 8, 8),
+                 "orthogonal"),
+    "spatial-mean": (lambda: ConvUnary(lambda h: h.mean(dim=(2, 3), keepdim=True)), (3, 3, 8, 8), "orthogonal"),
+    "max-pool": (lambda: ConvUnary(lambda h: F.max_pool2d(h, kernel_size=2)), (3, 3, 8, 8), "permutation"),
+    "constant-pad": (lambda: ConvUnary(lambda h: F.pad(h, (1, 1, 1, 1), value=0.5)), (3, 3, 8, 8), "permutation"),
+    "spatial-amax": (lambda: ConvUnary(lambda h: h.amax(dim=(2, 3), keepdim=True)), (3, 3, 8, 8), "permutation"),
+    "channel-sum": (lambda: ConvUnary(lambda h: h.sum(1, keepdim=True)), (3, 3, 8, 8), "permutation"),
+    "depthwise": (lambda: ConvUnary(nn.Conv2d(4, 4, 3, padding=1, groups=4)), (3, 3, 8, 8), "permutation"),
+}
+
+
+@pytest.fixture(params=list(MLP_CASES), scope="module")
+def kind_case(request):
+    factory, shape, kind = MLP_CASES[request.param]
+    model = factory()
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    spec = spec_from_module(model, x)
+    first = next(g for key in model.state_dict() for g in spec.axes[key] if g is not None)
+    return request.param, model, x, spec, first, kind
+
+
+def test_traced_kind_is_inferred_from_what_uses_the_units(kind_case):
+    name, _, _, spec, first, kind = kind_case
+    assert spec.kinds[first] == kind, f"{name}: {spec.kinds}"
+
+
+def test_a_random_element_of_the_inferred_kind_preserves_the_function(kind_case):
+    name, model, x, spec, _, _ = kind_case
+    for seed in range(3):
+        transform = random_transform(spec, seed)
+        for mode in ("eval", "train") if any(isinstance(m, nn.BatchNorm1d) for m in model.modules()) else ("eval",):
+            assert max_change(model, spec, x, transform, mode) <= ATOL, f"{name}, seed {seed}, {mode} mode"
+    check_spec(model, spec, x)
+
+
+def test_check_spec_refuses_a_kind_above_the_inferred_one(kind_case):
+    name, model, x, spec, first, kind = kind_case
+    if kind == "orthogonal" or name in ("dropout", "F.dropout"):
+        pytest.skip("nothing above orthogonal; dropout is the identity in eval mode, the only mode checked")
+    upgraded = spec.with_kinds({first: KIND_ABOVE[kind]})
+    with pytest.raises(SpecError, match=rf"group '{first}' is declared {KIND_ABOVE[kind]} but .* use '{kind}'") as e:
+        check_spec(model, upgraded, x)
+    assert (e.value.group, e.value.kind) == (first, kind), name
+
+
+def test_relu_units_declared_orthogonal_are_refused_with_a_clear_message():
+    model = mlp_with(nn.ReLU())
+    x = torch.randn(5, 6)
+    spec = spec_from_module(model, x)
+    with pytest.raises(SpecError, match=r"group '0' is declared orthogonal but a random rotation of its units "
+                                        r"changes the output .* while a random permutation leaves it unchanged; "
+                                        r"its units are probably followed by a nonlinearity: use 'permutation'"):
+        check_spec(model, spec.with_kinds({"0": "orthogonal"}), x)
+
+
+def test_tanh_units_declared_orthogonal_are_refused_with_a_clear_message():
+    model = mlp_with(nn.Tanh())
+    x = torch.randn(5, 6)
+    spec = spec_from_module(model, x)
+    with pytest.raises(SpecError, match=r"group '2' is declared orthogonal but a random rotation .* a random "
+                                        r"signed permutation leaves it unchanged.*odd.*use 'signed-permutation'"):
+        check_spec(model, spec.with_kinds({"2": "orthogonal"}), x)
+
+
+def test_batchnorm_units_declared_signed_are_refused():
+    model = norm_mlp(nn.BatchNorm1d(8))
+    x = torch.randn(5, 6)
+    spec = spec_from_module(model, x).with_kinds({"0": "signed-permutation"})
+    with pytest.raises(SpecError, match=r"group '0' is declared signed-permutation.*use 'permutation'"):
+        check_spec(model, spec, x)
+
+
+def test_a_random_rotation_preserves_a_linear_mlp_but_not_a_relu_mlp():
+    x = torch.randn(5, 6)
+    linear, relu = mlp_with(nn.Identity()), mlp_with(nn.ReLU())
+    rotations = spec_from_module(linear, x)
+    assert set(rotations.kinds.values()) == {"orthogonal"}
+    rotation = random_transform(rotations, 0)
+    assert max_change(linear, rotations, x, rotation) <= ATOL
+    # the same rotation of the same weights, with a ReLU between the layers
+    assert max_change(relu, rotations, x, rotation) > 1e-2
+
+
+def test_wrong_axis_in_an_orthogonal_group_is_still_located():
+    model = mlp_with(nn.Identity())
+    x = torch.randn(5, 6)
+    spec = broken(spec_from_module(model, x), "0.bias", (None,))
+    with pytest.raises(SpecError, match=r"'0\.bias': axis 0 should be transformed by group '0'") as e:
+        check_spec(model, spec.with_kinds({"0": "orthogonal"}), x)
+    assert (e.value.key, e.value.axis, e.value.kind) == ("0.bias", 0, None)

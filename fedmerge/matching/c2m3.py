@@ -110,6 +110,7 @@ def c2m3_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec: Symme
     if factorize is None:
         factorize = n > 2
     restricted = sorted(g for g, k in spec.kinds.items() if k != "permutation")
+    given_spec = spec
     if restricted:
         spec = spec.with_kinds({g: "permutation" for g in restricted})
     stack = Stack.from_state_dicts(state_dicts, spec)
@@ -219,7 +220,8 @@ def c2m3_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec: Symme
         hard = {g: torch.stack([p[g] for p in perms]) for g in groups}
         message += f"; then {polished['nit']} refinement sweep{'' if polished['nit'] == 1 else 's'}: {polished['message']}"
         converged = polished["converged"]  # the returned permutations are MergeMany's fixed point
-    if restricted:
+    if restricted:  # the permutations found, as elements of each group's own kind
+        perms = [{g: given_spec.group(g).from_permutation(e) for g, e in p.items()} for p in perms]
         message += (f"; groups {restricted} were aligned by permutations only (C²M³ searches permutations; "
                     f"'mergemany' and 'git-rebasin' search each group's own kind)")
     return {

@@ -28,7 +28,7 @@ __all__ = ["weight_matching"]
 
 #: Relative improvement below which a group's new element is not taken: exact ties for the discrete
 #: kinds, and the end of the (continuous) ascent for orthogonal groups.
-_IMPROVEMENT = {"permutation": 1e-12, "signed-permutation": 1e-12, "orthogonal": 1e-9}
+_IMPROVEMENT = {"permutation": 1e-12, "signed-permutation": 1e-12, "orthogonal": 1e-13}
 
 
 def _matched_keys(spec: SymmetrySpec, tensors: Mapping[str, torch.Tensor]) -> dict[str, list]:
