@@ -270,7 +270,18 @@ def test_unknown_dataset_name(name):
         fd.load_dataset(name)
 
 
-def test_dataset_spec_without_loading():
+def test_dataset_spec_without_loading(tmp_path, monkeypatch, no_network):
+    monkeypatch.setenv("FEDMERGE_CACHE", str(tmp_path))
     assert fd.dataset_spec("EMNIST").num_classes == 26
     assert fd.dataset_spec("cifar-100").input_shape == (3, 32, 32)
     assert fd.dataset_spec("mnist").mean == (0.1307,)
+    assert list(tmp_path.iterdir()) == []  # nothing was prepared or cached
+    with pytest.raises(ValueError, match="unknown dataset"):
+        fd.dataset_spec("imagenet")
+
+
+def test_dataset_spec_describes_the_loaded_dataset():
+    spec, ds = fd.dataset_spec("mnist"), fd.load_dataset("mnist", train=False)
+    assert (spec.num_classes, spec.input_shape) == (ds.num_classes, ds.input_shape)
+    raw = ds.images * spec.std[0] + spec.mean[0]  # undo the normalisation: pixel values in [0, 1]
+    assert float(raw.min()) == pytest.approx(0.0, abs=1e-5) and float(raw.max()) == pytest.approx(1.0, abs=1e-5)

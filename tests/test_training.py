@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fedmerge.data import load_dataset
@@ -36,8 +37,9 @@ def test_one_epoch_beats_chance(mnist_small):
 
     assert stats["num_examples"] == 2000 and stats["steps"] == 32 and stats["epochs"] == 1
     assert len(stats["epoch_losses"]) == 1 and stats["loss"] == stats["epoch_losses"][0]
-    assert 0.0 <= stats["accuracy"] <= 1.0 and stats["device"] == "cpu"
-    assert after["accuracy"] > 0.6  # chance is 0.1
+    assert stats["epoch_accuracies"] == [stats["accuracy"]] and stats["device"] == "cpu"
+    assert stats["accuracy"] > 0.5  # measured on the training batches while learning; chance is 0.1
+    assert after["accuracy"] > 0.6
     assert after["loss"] < before["loss"]
 
 
@@ -61,15 +63,26 @@ def test_seed_makes_training_deterministic(mnist_small):
 
 
 def test_evaluate_returns_loss_and_accuracy(mnist_small):
-    _, _, xt, yt = mnist_small
-    logits_model = _mlp()
-    logprob_model = _mlp(log_softmax=True)  # same weights (same seed), log_softmax head
+    x, y, xt, yt = mnist_small
+    logits_model = _mlp(dropout=0.5)
+    train(logits_model, x[:512], y[:512], epochs=1, seed=0, device="cpu")  # better than chance, not perfect
+    logprob_model = _mlp(log_softmax=True)  # log_softmax head: same layers, loaded with the same weights
+    logprob_model.load_state_dict(logits_model.state_dict())
     logits_model.train()
 
-    r1 = evaluate(logits_model, xt, yt, device="cpu")
-    assert set(r1) >= {"loss", "accuracy"} and r1["num_examples"] == 1000
-    assert isinstance(r1["loss"], float) and 0.0 <= r1["accuracy"] <= 1.0
+    r1 = evaluate(logits_model, xt, yt, batch_size=256, device="cpu")
     assert logits_model.training  # mode restored
+    # against the definitions, in eval mode (dropout off: a train-mode evaluation would differ)
+    with torch.no_grad():
+        out = logits_model.eval()(xt)
+        logits_model.train()
+        noisy = logits_model(xt)
+    expected_accuracy = float((out.argmax(1) == yt).double().mean())
+    assert r1["num_examples"] == 1000
+    assert r1["loss"] == pytest.approx(float(F.cross_entropy(out, yt)), rel=1e-5)
+    assert r1["accuracy"] == pytest.approx(expected_accuracy, abs=1e-12)
+    assert 0.3 < r1["accuracy"] < 1.0
+    assert abs(float(F.cross_entropy(noisy, yt)) - r1["loss"]) > 1e-3
 
     r2 = evaluate(logprob_model, xt, yt, batch_size=333, device="cpu")
     assert r2["loss"] == pytest.approx(r1["loss"], rel=1e-5)
@@ -88,6 +101,8 @@ def test_input_validation(mnist_small):
     x, y, _, _ = mnist_small
     with pytest.raises(ValueError, match="differ in length"):
         train(_mlp(), x[:10], y[:9], epochs=1, device="cpu")
+    with pytest.raises(ValueError, match="1-D class indices"):
+        train(_mlp(), x[:10], y[:10, None], epochs=1, device="cpu")
     with pytest.raises(ValueError, match="empty"):
         evaluate(_mlp(), x[:0], y[:0], device="cpu")
 
@@ -96,6 +111,7 @@ def test_resolve_device():
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert resolve_device(None).type == expected
     assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)  # named devices are taken as given
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
