@@ -296,8 +296,19 @@ def _normalise(images_uint8: torch.Tensor, spec: DatasetSpec) -> torch.Tensor:
     return x.sub_(mean).div_(std).contiguous()
 
 
+def _torchvision_datasets():
+    """``torchvision.datasets``, or an ImportError that says which install brings it."""
+    try:
+        import torchvision.datasets as tvd
+    except ImportError as e:
+        raise ImportError("fedmerge.data reads datasets through torchvision, which the core install does not "
+                          "bring: pip install \"fedmerge[federated]\" (or pip install torchvision)") from e
+    return tvd
+
+
 def _cifar_classes():
-    from torchvision.datasets import CIFAR10, CIFAR100
+    tvd = _torchvision_datasets()
+    CIFAR10, CIFAR100 = tvd.CIFAR10, tvd.CIFAR100
 
     class _NoMD5:
         """torchvision's CIFAR readers, with the md5 checks replaced by existence checks.
@@ -328,7 +339,7 @@ def _cifar_classes():
 
 
 def _load_uncached(name: str, data_dir: str | None, train: bool, cache: str | None) -> LoadedDataset:
-    import torchvision.datasets as tvd
+    tvd = _torchvision_datasets()
 
     spec = DATASETS[name]
     if name == "mnist":

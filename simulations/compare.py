@@ -31,8 +31,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from fedmerge.partition import PARTITIONS  # noqa: E402
-from simulations.client_app import INIT_MODES  # noqa: E402
-from simulations.server_app import STRATEGIES  # noqa: E402
+from simulations.config import DEFAULTS, INIT_MODES  # noqa: E402
+from strategies import STRATEGIES  # noqa: E402
 
 __all__ = ["main", "markdown_table"]
 
@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
                    default=["fedavg", "git-rebasin", "mergemany", "c2m3"])
     p.add_argument("--inits", nargs="+", choices=INIT_MODES, default=["shared", "independent"])
     p.add_argument("--partitions", nargs="+", choices=PARTITIONS, default=["iid", "dirichlet"])
-    p.add_argument("--clients", type=int, default=20)
+    p.add_argument("--clients", type=int, default=DEFAULTS["num-clients"])
     p.add_argument("--out", default=str(ROOT / "runs" / "compare"), help="directory of all runs and the table")
     p.add_argument("run_args", nargs=argparse.REMAINDER,
                    help="after --: flags passed to every simulations/run.py call (e.g. -- --rounds 5)")

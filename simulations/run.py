@@ -46,8 +46,9 @@ if str(ROOT) not in sys.path:  # `simulations` is not installed; Ray workers inh
 from fedmerge.data import DATASETS  # noqa: E402
 from fedmerge.models import MODELS  # noqa: E402
 from fedmerge.partition import PARTITIONS  # noqa: E402
-from simulations.client_app import CLIENT_EVAL_MODES, INIT_MODES  # noqa: E402
-from simulations.server_app import CONFIG_ENV, STRATEGIES  # noqa: E402
+from simulations.config import (CLIENT_EVAL_MODES, CONFIG_ENV, DEFAULTS, INIT_MODES,  # noqa: E402
+                                RESOURCE_DEFAULTS, default_out)
+from strategies import STRATEGIES  # noqa: E402
 
 __all__ = ["build_parser", "failure_summary", "format_table", "main"]
 
@@ -129,58 +130,71 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+#: Flag (argparse ``dest``) -> configuration key, for the flags whose name is not the key's.
+FLAG_KEYS: dict[str, str] = {"clients": "num-clients", "rounds": "num-rounds"}
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The command line; every default of a configuration key is :data:`simulations.config.DEFAULTS`'."""
+    d = {**DEFAULTS, **RESOURCE_DEFAULTS}
     p = _Parser(
         prog="python simulations/run.py",
         description="Federated learning on simulated clients with Flower's Simulation Engine (Ray).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--strategy", choices=sorted(STRATEGIES), default="fedavg", help="server strategy")
-    p.add_argument("--clients", type=_positive_int, default=20, help="number of simulated clients")
-    p.add_argument("--rounds", type=_positive_int, default=3, help="federated rounds")
-    p.add_argument("--local-epochs", type=_positive_int, default=1, help="local epochs per round")
-    p.add_argument("--batch-size", type=_positive_int, default=64, help="local SGD batch size")
-    p.add_argument("--lr", type=_positive_float, default=0.05, help="local SGD learning rate")
-    p.add_argument("--momentum", type=_float_in(0.0, 1.0, high_open=True), default=0.9, help="local SGD momentum")
-    p.add_argument("--model", choices=MODELS, default="mlp",
-                   help="zoo model (default mlp: the C2M3 paper's 784-256-512-512-256-10 MLP)")
+    p.add_argument("--strategy", choices=sorted(STRATEGIES), default=d["strategy"], help="server strategy")
+    p.add_argument("--clients", type=_positive_int, default=d["num-clients"], help="number of simulated clients")
+    p.add_argument("--rounds", type=_positive_int, default=d["num-rounds"], help="federated rounds")
+    p.add_argument("--local-epochs", type=_positive_int, default=d["local-epochs"], help="local epochs per round")
+    p.add_argument("--batch-size", type=_positive_int, default=d["batch-size"], help="local SGD batch size")
+    p.add_argument("--lr", type=_positive_float, default=d["lr"], help="local SGD learning rate")
+    p.add_argument("--momentum", type=_float_in(0.0, 1.0, high_open=True), default=d["momentum"],
+                   help="local SGD momentum")
+    p.add_argument("--model", choices=MODELS, default=d["model"],
+                   help="zoo model (mlp: the C2M3 paper's 784-256-512-512-256-10 MLP)")
     p.add_argument("--widths", type=_int_list, default=None,
                    help="mlp: hidden widths, e.g. 256,512,512,256; cnn: conv channels, e.g. 32,64")
     p.add_argument("--width", type=_positive_float, default=None, help="vgg*/resnet*: width multiplier")
-    p.add_argument("--dataset", choices=sorted(DATASETS), default="mnist",
+    p.add_argument("--dataset", choices=sorted(DATASETS), default=d["dataset"],
                    help="mnist is bundled; the others are read from --data-dir")
-    p.add_argument("--data-dir", default=None, help="directory holding the non-bundled datasets (see README)")
-    p.add_argument("--partition", choices=PARTITIONS, default="iid", help="how the training set is split")
-    p.add_argument("--alpha", type=_positive_float, default=0.5, help="Dirichlet concentration (--partition dirichlet)")
-    p.add_argument("--init", choices=INIT_MODES, default="independent",
+    p.add_argument("--data-dir", default=d["data-dir"],
+                   help="directory holding the non-bundled datasets (see README)")
+    p.add_argument("--partition", choices=PARTITIONS, default=d["partition"], help="how the training set is split")
+    p.add_argument("--alpha", type=_positive_float, default=d["alpha"],
+                   help="Dirichlet concentration (--partition dirichlet)")
+    p.add_argument("--init", choices=INIT_MODES, default=d["init"],
                    help="shared: all clients start from the global model; independent: in round 1 each "
                         "client starts from its own random init (the one-shot merging setting)")
-    p.add_argument("--fraction", type=_float_in(0.0, 1.0, low_open=True), default=1.0,
+    p.add_argument("--fraction", type=_float_in(0.0, 1.0, low_open=True), default=d["fraction"],
                    help="fraction of clients trained per round")
-    p.add_argument("--fraction-evaluate", type=_float_in(0.0, 1.0), default=1.0,
+    p.add_argument("--fraction-evaluate", type=_float_in(0.0, 1.0), default=d["fraction-evaluate"],
                    help="fraction of clients evaluating the global model per round (0: none)")
-    p.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the init, partition and training")
-    p.add_argument("--out", default=None, help="output directory (default runs/<strategy>-<dataset>-<model>-<time>)")
-    p.add_argument("--cpus-per-client", type=_positive_float, default=1.0,
-                   help="Ray CPUs per client actor (Flower's default, 2, would run one client at a time on 2 cores)")
-    p.add_argument("--gpus-per-client", type=_non_negative_float, default=0.0, help="Ray GPUs per client actor")
+    p.add_argument("--seed", type=_non_negative_int, default=d["seed"], help="seed of the init, partition and training")
+    p.add_argument("--out", default=d["out"],
+                   help="output directory (empty: runs/<strategy>-<dataset>-<model>-<time>)")
+    p.add_argument("--cpus-per-client", type=_positive_float, default=d["cpus-per-client"],
+                   help="Ray CPUs per client actor, and the torch threads of each client")
+    p.add_argument("--gpus-per-client", type=_non_negative_float, default=d["gpus-per-client"],
+                   help="Ray GPUs per client actor")
     adv = p.add_argument_group("advanced")
-    adv.add_argument("--max-train-samples", type=_non_negative_int, default=0,
+    adv.add_argument("--max-train-samples", type=_non_negative_int, default=d["max-train-samples"],
                      help="use a seeded random subset of the training set (0: all)")
-    adv.add_argument("--max-test-samples", type=_non_negative_int, default=0,
+    adv.add_argument("--max-test-samples", type=_non_negative_int, default=d["max-test-samples"],
                      help="use a seeded random subset of the test set (0: all)")
-    adv.add_argument("--holdout-fraction", type=_float_in(0.0, 1.0, high_open=True), default=0.1,
+    adv.add_argument("--holdout-fraction", type=_float_in(0.0, 1.0, high_open=True), default=d["holdout-fraction"],
                      help="share of each client's data held out for client-side evaluation")
-    adv.add_argument("--client-eval", choices=CLIENT_EVAL_MODES, default="holdout",
+    adv.add_argument("--client-eval", choices=CLIENT_EVAL_MODES, default=d["client-eval"],
                      help="data of client-side evaluation: held-out share or an IID share of the test set")
-    adv.add_argument("--device", default="auto", help="torch device of clients and server (auto: cuda if available)")
-    adv.add_argument("--max-iter", type=_non_negative_int, default=0,
+    adv.add_argument("--device", default=d["device"],
+                     help="torch device of clients and server (auto: cuda if available)")
+    adv.add_argument("--max-iter", type=_non_negative_int, default=d["max-iter"],
                      help="matching iterations per round: C2M3 Frank-Wolfe iterations, MergeMany sweeps, "
                           "Git Re-Basin passes (0: the strategy's default)")
-    adv.add_argument("--stop-on-failure", action="store_true",
-                     help="stop the run at the first failed or malformed client reply (default: leave the "
+    adv.add_argument("--stop-on-failure", action=argparse.BooleanOptionalAction, default=d["stop-on-failure"],
+                     help="stop the run at the first failed or malformed client reply (otherwise: leave the "
                           "client out of that round and record why in results.json)")
-    adv.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars (over rounds and over the replies of each round)")
+    adv.add_argument("--progress", action=argparse.BooleanOptionalAction, default=d["progress"],
+                     help="tqdm bars over rounds and over the replies of each round")
     adv.add_argument("--verbose", action="store_true", help="show Flower's INFO log")
     return p
 
@@ -217,7 +231,8 @@ def make_config(parser: argparse.ArgumentParser, args: argparse.Namespace,
     import torch
 
     from fedmerge.data import load_dataset
-    from simulations.client_app import ClientConfig, _partitions, build_global_model
+    from simulations.config import ClientConfig
+    from simulations.task import build_global_model, client_partitions
 
     if args.max_iter and args.strategy == "fedavg":
         parser.error("--max-iter sets the matching of git-rebasin, mergemany and c2m3; fedavg does no matching")
@@ -230,9 +245,9 @@ def make_config(parser: argparse.ArgumentParser, args: argparse.Namespace,
     if args.client_eval == "holdout" and args.holdout_fraction == 0 and args.fraction_evaluate > 0:
         parser.error("--client-eval holdout needs --holdout-fraction > 0 (or --client-eval test, "
                      "or --fraction-evaluate 0)")
-    out = args.out or str(ROOT / "runs" / f"{args.strategy}-{args.dataset}-{args.model}-{time.strftime('%Y%m%d-%H%M%S')}")
-    threads = max(1, int(args.cpus_per_client))
+    threads = max(1, int(args.cpus_per_client))  # as many torch threads as the client's Ray CPUs
     config: dict[str, Any] = {
+        **DEFAULTS,  # the keys without a flag (round-timeout), and out until it is resolved below
         "strategy": args.strategy,
         "num-clients": args.clients,
         "num-rounds": args.rounds,
@@ -261,9 +276,10 @@ def make_config(parser: argparse.ArgumentParser, args: argparse.Namespace,
         "stop-on-failure": args.stop_on_failure,
         "max-iter": args.max_iter,
         "progress": args.progress,
-        "out": str(Path(out).expanduser().resolve()),
         "command": "python simulations/run.py " + shlex.join(list(sys.argv[1:] if argv is None else argv)),
     }
+    out = args.out or default_out(config, ROOT / "runs")
+    config["out"] = str(Path(out).expanduser().resolve())
     try:
         cfg = ClientConfig.from_mapping(config)
         if args.device != "auto":
@@ -273,7 +289,7 @@ def make_config(parser: argparse.ArgumentParser, args: argparse.Namespace,
         parser.error(_one_line(exc))
     try:
         load_dataset(args.dataset, data_dir=config["data-dir"] or None, train=False)
-        parts = _partitions(cfg.dataset, cfg.data_dir, cfg.max_train_samples, cfg.partition, cfg.alpha,
+        parts = client_partitions(cfg.dataset, cfg.data_dir, cfg.max_train_samples, cfg.partition, cfg.alpha,
                             args.clients, cfg.seed)
     except (OSError, ValueError, RuntimeError) as exc:
         parser.error(_one_line(exc))

@@ -20,7 +20,10 @@ Client replies are judged first (:mod:`strategies.replies`); bad ones are left o
 reason, instead of stopping the run.
 """
 
-from flwr.serverapp.strategy import FedAvg
+try:
+    from flwr.serverapp.strategy import FedAvg
+except ImportError as exc:  # the core install (`pip install fedmerge`) has no Flower
+    raise ImportError("the strategies need Flower: pip install 'fedmerge[federated]'") from exc
 
 from .c2m3 import C2M3
 from .git_rebasin import GitRebasin

@@ -21,11 +21,10 @@ class C2M3(MergingStrategy):
     Parameters
     ----------
     max_iter:
-        Frank-Wolfe iterations per round.  The paper runs up to 200 with a 1e-6 tolerance, which
-        for 20 trained MNIST MLPs takes 154 iterations, about 100 s on a 2-core CPU; a server
-        merging every round needs less: after 10 iterations the merged model's accuracy was within
-        0.03 points of the converged one's (BENCHMARKS.md, section (a)), and models trained from
-        one global model converge in 1-2 iterations.
+        Frank-Wolfe iterations per round.  The paper runs up to 200 with a 1e-6 tolerance; a
+        server merging every round caps it, since the merged model's accuracy is nearly reached
+        long before the objective converges (BENCHMARKS.md, section (a), measures both), and
+        models trained from one global model converge in a few iterations.
     tol, patience:
         Stop earlier when the objective improves by less than ``tol`` (relative) for ``patience``
         iterations in a row.
@@ -33,9 +32,9 @@ class C2M3(MergingStrategy):
         Block-coordinate sweeps polishing the Frank-Wolfe permutations (each model's groups
         re-solved against the sum of the others; ``True``: until a sweep changes nothing;
         ``0``/``False``: the paper's algorithm alone).  Not in the paper.  The default, one sweep,
-        unsticks Frank-Wolfe where it stalls between symmetric alignments (an even number of
-        permuted copies of one model: measured 0 of 6 trials recovered without it, 6 of 6 with
-        it).
+        unsticks Frank-Wolfe where it stalls between symmetric alignments, e.g. on an even number
+        of permuted copies of one model (the test
+        ``test_one_refinement_sweep_recovers_even_numbers_of_permuted_copies``).
     spec, model, device, **fedavg_kwargs:
         As :class:`~strategies.merging_strategy.MergingStrategy`.
     """

@@ -20,8 +20,8 @@ class MergeMany(MergingStrategy):
     ----------
     max_iter:
         Sweeps over all clients per round (each sweep solves one weight matching per client).
-        Unbounded MergeMany on 20 MNIST MLPs needs over 100 sweeps; a server merging every round
-        caps it (see BENCHMARKS.md for what the cap costs in accuracy).
+        Unbounded MergeMany can take many sweeps on many models; a server merging every round
+        caps it (BENCHMARKS.md, section (b), measures the uncapped run).
     inner_max_iter:
         Coordinate-descent passes of each weight matching.
     seed:

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `simulations` is not installed: import it from the repository root
     sys.path.insert(0, str(ROOT))
 
-from simulations.benchmarks import common, matching_speed, merge_quality  # noqa: E402
+from simulations.benchmarks import matching_speed, merge_quality, models, output  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -47,12 +47,14 @@ def test_matching_speed_smoke(tmp_path, capsys):
         ("mlp", 3, "c2m3"), ("mlp", 3, "mergemany"), ("mlp", 3, "git-rebasin"), ("mlp", 3, "pairwise"),
         ("resnet20", 2, "c2m3"), ("resnet20", 2, "mergemany"), ("resnet20", 2, "git-rebasin")]
     for r in rows:
-        assert r["seconds"] > 0 and 0.0 <= r["cycle_error"] <= 1.0
+        assert r["seconds"] > 0
         if r["method"] == "pairwise":
             assert r["objective"] is None and r["nit"] is None
+            # independent pairwise matchings of random models do not compose around the 3-cycle
+            assert 0.5 < r["cycle_error"] <= 1.0
         else:
             assert math.isfinite(r["objective"]) and 1 <= r["nit"] <= 10 and isinstance(r["converged"], bool)
-            assert r["cycle_error"] == 0.0  # maps through a common space are cycle-consistent
+            assert r["cycle_error"] == 0.0  # reported as computed: 0 for maps through a common space
     assert any("CIFAR-10" in note for note in data["notes"])
     printed = capsys.readouterr().out
     assert "| models" in printed and "C²M³" in printed and "command: python -m" in printed
@@ -79,7 +81,9 @@ def test_merge_quality_smoke_and_cache(tmp_path, capsys):
     for r in rows:
         assert 0.0 <= r["accuracy"] <= 1.0 and r["loss"] > 0 and r["paper"] is None
         if r["kind"] == "merge":
-            assert r["seconds"] > 0 and r["cycle_error"] == 0.0
+            assert r["seconds"] > 0
+        if r["method"] in ("mergemany", "c2m3", "git-rebasin"):
+            assert math.isfinite(r["objective"]) and r["objective"] > 0  # a matching ran and was reported
     assert rows[1]["objective"] is None  # the plain mean has no matching objective (NaN -> null)
 
     # second run: every model comes from the cache, with identical results
@@ -89,15 +93,15 @@ def test_merge_quality_smoke_and_cache(tmp_path, capsys):
 
 
 def test_cache_path_and_helpers(tmp_path):
-    path = common.mlp_cache_path(7, epochs=3, cache_dir=tmp_path)
+    path = models.mlp_cache_path(7, epochs=3, cache_dir=tmp_path)
     assert path == tmp_path / "bench" / "mlp-784-256-512-512-256-10-e3-seed7.pt"
-    table = common.markdown_table([{"a": 1.5, "b": None}, {"a": float("nan"), "b": True}], ["a", ("b", "B")])
+    table = output.markdown_table([{"a": 1.5, "b": None}, {"a": float("nan"), "b": True}], ["a", ("b", "B")])
     assert table.splitlines() == ["| a   | B   |", "|-----|-----|", "| 1.5 | —   |", "| —   | yes |"]
-    written = common.write_json(tmp_path / "x" / "r.json", {"v": float("nan"), "t": torch.tensor([1, 2])})
+    written = output.write_json(tmp_path / "x" / "r.json", {"v": float("nan"), "t": torch.tensor([1, 2])})
     assert json.loads(written.read_text()) == {"v": None, "t": [1, 2]}
-    models = common.random_models(lambda: torch.nn.Linear(3, 2), 2)
-    assert not torch.equal(models[0]["weight"], models[1]["weight"])
-    assert torch.equal(models[0]["weight"], common.random_models(lambda: torch.nn.Linear(3, 2), 1)[0]["weight"])
+    sds = models.random_models(lambda: torch.nn.Linear(3, 2), 2)
+    assert not torch.equal(sds[0]["weight"], sds[1]["weight"])
+    assert torch.equal(sds[0]["weight"], models.random_models(lambda: torch.nn.Linear(3, 2), 1)[0]["weight"])
 
 
 @pytest.mark.parametrize("module, argv", [
@@ -126,7 +130,7 @@ def test_script_mode_finds_the_repository(tmp_path):
 def test_round_time_sequential_loop_does_the_federated_work():
     """The loop the Flower+Ray round is compared with runs the same rounds (timed per round)."""
     from simulations.benchmarks import round_time
-    from simulations.client_app import ClientConfig
+    from simulations.config import ClientConfig
 
     cfg = ClientConfig.from_mapping({"init": "shared", "max-train-samples": 1200, "max-test-samples": 200,
                                      "model-kwargs": '{"widths": [32]}'})

@@ -1,7 +1,8 @@
 """FedAvg through Flower's real Simulation Engine (Ray backend): simulations/run.py end to end.
 
-One module-scoped simulation (Ray start-up is slow): 4 clients, 2 rounds, a 4000-sample MNIST
-subset, run as a subprocess exactly as a user would run it.  The other tests are fast: bad
+One module-scoped simulation (Ray start-up is slow; the tests reading it are marked ``slow``): 4
+clients, 2 rounds, a 4000-sample MNIST subset, run as a subprocess exactly as a user would run
+it.  The other tests are fast: bad
 command lines exit with status 2 and a one-line message, and the strategy registry/config helpers.
 """
 
@@ -21,8 +22,9 @@ if str(ROOT) not in sys.path:  # `simulations` is not installed: import it from 
     sys.path.insert(0, str(ROOT))
 
 from simulations import run  # noqa: E402
-from simulations.client_app import ClientConfig, build_global_model, config_record, used_test_indices  # noqa: E402
+from simulations.config import ClientConfig, config_record  # noqa: E402
 from simulations.server_app import STRATEGIES, make_strategy  # noqa: E402
+from simulations.task import build_global_model, used_test_indices  # noqa: E402
 from strategies import C2M3, FedAvg  # noqa: E402
 
 CLIENTS, ROUNDS, TRAIN, TEST = 4, 2, 4000, 1000
@@ -46,6 +48,7 @@ def simulation(tmp_path_factory):
     return out, json.loads((out / "results.json").read_text()), proc
 
 
+@pytest.mark.slow
 def test_results_json(simulation):
     out, results, _ = simulation
     assert results["complete"] is True
@@ -73,6 +76,7 @@ def test_results_json(simulation):
     assert final["wall_seconds"] > 0
 
 
+@pytest.mark.slow
 def test_checkpoints_reproduce_the_reported_accuracy(simulation):
     out, results, _ = simulation
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
@@ -91,6 +95,7 @@ def test_checkpoints_reproduce_the_reported_accuracy(simulation):
     assert stats["accuracy"] == pytest.approx(results["final"]["test_accuracy"], abs=1e-9)
 
 
+@pytest.mark.slow
 def test_tensorboard_scalars(simulation):
     out, _, _ = simulation
     events = list((out / "tensorboard").glob("events.out.tfevents.*"))
@@ -104,6 +109,7 @@ def test_tensorboard_scalars(simulation):
     assert "time/aggregation_seconds" in acc.Tags()["scalars"]
 
 
+@pytest.mark.slow
 def test_terminal_output(simulation):
     _, results, proc = simulation
     assert "warning:" not in proc.stderr  # no client was left out
@@ -228,7 +234,7 @@ def test_partition_ordered_grid_lists_nodes_by_partition_and_samples_reproducibl
     ``random.sample`` after each listing whatever the node ids are, for the same seed."""
     import random
 
-    from simulations.server_app import PartitionOrderedGrid
+    from simulations.grids import PartitionOrderedGrid
 
     class Nodes:  # the one Grid method the wrapper changes, plus one it must pass through
         def __init__(self, ids):

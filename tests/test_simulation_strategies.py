@@ -20,6 +20,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIENTS, ROUNDS = 4, 2
+
+pytestmark = pytest.mark.slow  # every test reads the simulations of the module fixture
 MERGING = ("git-rebasin", "mergemany", "c2m3")
 
 _RUNS = """
@@ -27,7 +29,7 @@ import json, os, sys
 root, out = sys.argv[1], sys.argv[2]
 sys.path.insert(0, root)
 from flwr.simulation import run_simulation
-from simulations import client_app, server_app
+from simulations import client_app, config as sim_config, server_app
 from tests import faulty_client_app
 
 runs = [(name, client_app.app, {{}}) for name in {merging!r}]
@@ -35,18 +37,18 @@ runs = [(name, client_app.app, {{}}) for name in {merging!r}]
 sampled = {{"strategy": "c2m3", "init": "shared", "fraction": 0.5, "fraction-evaluate": 0.5}}
 runs += [("sampled-a", client_app.app, sampled), ("sampled-b", client_app.app, {{**sampled, "progress": True}})]
 # the faulty run checks failure handling, so its clients share the initial model: its accuracy then
-# does not hinge on a one-shot merge of 2 independently initialised models (0.25-0.58 measured)
+# does not hinge on a one-shot merge of 2 independently initialised models
 runs.append(("faulty", faulty_client_app.app, {{"strategy": "c2m3", "init": "shared"}}))
 for name, app, extra in runs:
     config = {{"strategy": name, "num-clients": {clients}, "num-rounds": {rounds}, "init": "independent",
               "max-train-samples": 4000, "max-test-samples": 1000, "local-epochs": 2, "seed": 5,
               "out": os.path.join(out, name), "progress": False, "threads": 1, **extra}}
-    os.environ[server_app.CONFIG_ENV] = json.dumps(config)
+    os.environ[sim_config.CONFIG_ENV] = json.dumps(config)
     run_simulation(server_app=server_app.app, client_app=app, num_supernodes={clients},
                    backend_config={{"client_resources": {{"num_cpus": 1, "num_gpus": 0.0}}}})
 
 # stop-on-failure: the same faulty clients stop the run, with the client's own message
-os.environ[server_app.CONFIG_ENV] = json.dumps({{**config, "out": os.path.join(out, "strict"),
+os.environ[sim_config.CONFIG_ENV] = json.dumps({{**config, "out": os.path.join(out, "strict"),
                                                 "stop-on-failure": True, "num-rounds": 1}})
 try:
     run_simulation(server_app=server_app.app, client_app=faulty_client_app.app, num_supernodes={clients},
@@ -77,7 +79,7 @@ def test_each_strategy_runs_on_the_simulation_engine(runs, strategy):
     assert [r["round"] for r in rounds] == list(range(1, ROUNDS + 1))
     for r in rounds:
         assert r["train_replies"] == CLIENTS and r["clients_merged"] == CLIENTS and r["train_failures"] == 0
-        assert r["match_cycle_error"] == 0.0 and r["match_iterations"] >= 1 and r["match_objective"] > 0
+        assert r["match_iterations"] >= 1 and r["match_objective"] > 0
         assert 0 < r["match_seconds"] <= r["aggregation_seconds"]
         assert 0 <= r["test_accuracy"] <= 1 and r["client_eval_accuracy"] > 0
     assert results["final"]["test_accuracy"] > 0.3, results["final"]  # chance: 0.1

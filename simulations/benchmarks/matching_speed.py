@@ -34,10 +34,11 @@ import torch
 
 import fedmerge
 from fedmerge.models import MLP, ResNet20
-from simulations.benchmarks.common import (PAPER_WIDTHS, add_common_arguments, finish, method_call, ensure_stdout_utf8, environment, format_environment,
-                                           int_at_least, markdown_table, mlp_name, parse_choice_list,
-                                           parse_int_list, positive_float, positive_int, random_models,
-                                           set_threads, torch_device, trained_mlps, warmup)
+from simulations.benchmarks.cli import (add_common_arguments, ensure_stdout_utf8, int_at_least, parse_choice_list,
+                                        parse_int_list, positive_float, positive_int, torch_device)
+from simulations.benchmarks.environment import environment, format_environment, set_threads
+from simulations.benchmarks.models import PAPER_WIDTHS, method_call, mlp_name, random_models, trained_mlps, warmup
+from simulations.benchmarks.output import finish, markdown_table
 
 MODULE = "simulations.benchmarks.matching_speed"
 METHODS = ("c2m3", "c2m3+refine", "mergemany", "git-rebasin", "pairwise")

@@ -1,7 +1,7 @@
 """Benchmark (b): how good is the merged model?
 
 Trains 20 MLPs 784-256-512-512-256-10 on MNIST from seeds 0..19 (cached, see
-:func:`simulations.benchmarks.common.trained_mlps`), reports the endpoints' test accuracy
+:func:`simulations.benchmarks.models.trained_mlps`), reports the endpoints' test accuracy
 (mean/min/max), then for n in ``--sizes`` (default 5, 20) merges the first n models with the
 plain mean (``align=None``, FedAvg's aggregation), MergeMany, C²M³ and Git Re-Basin to model 0,
 and reports the merged model's MNIST test accuracy and loss and the merge's wall seconds, next to
@@ -33,9 +33,11 @@ import fedmerge
 from fedmerge.data import load_dataset
 from fedmerge.models import MLP
 from fedmerge.training import evaluate
-from simulations.benchmarks.common import (PAPER_WIDTHS, add_common_arguments, finish, method_call, ensure_stdout_utf8, environment, format_environment,
-                                           markdown_table, mlp_name, parse_choice_list, parse_int_list,
-                                           positive_int, set_threads, torch_device, trained_mlps, warmup)
+from simulations.benchmarks.cli import (add_common_arguments, ensure_stdout_utf8, parse_choice_list, parse_int_list,
+                                        positive_int, torch_device)
+from simulations.benchmarks.environment import environment, format_environment, set_threads
+from simulations.benchmarks.models import PAPER_WIDTHS, method_call, mlp_name, trained_mlps, warmup
+from simulations.benchmarks.output import finish, markdown_table
 
 MODULE = "simulations.benchmarks.merge_quality"
 METHODS = ("mean", "mergemany", "c2m3", "git-rebasin", "c2m3+refine")

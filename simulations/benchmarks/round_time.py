@@ -30,13 +30,13 @@ if __package__ in (None, ""):  # run as a script: make `simulations` importable 
 import torch
 
 import fedmerge
-from fedmerge.data import load_dataset
 from fedmerge.training import evaluate, train
 from simulations import run
-from simulations.benchmarks.common import (add_common_arguments, environment, finish, format_environment,
-                                           markdown_table, positive_int)
-from simulations.client_app import (ClientConfig, _client_data, _train_seed, build_global_model,
-                                    used_test_indices)
+from simulations.benchmarks.cli import add_common_arguments, positive_int
+from simulations.benchmarks.environment import environment, format_environment
+from simulations.benchmarks.output import finish, markdown_table
+from simulations.config import ClientConfig
+from simulations.task import build_global_model, client_data, server_test_set, train_seed
 
 MODULE = "simulations.benchmarks.round_time"
 
@@ -57,26 +57,23 @@ def sequential_rounds(cfg: ClientConfig, num_clients: int, rounds: int) -> tuple
     final test accuracy (which matches the Flower run's: same data, seeds and updates)."""
     model = build_global_model(cfg)
     global_sd = {k: v.clone() for k, v in model.state_dict().items()}
-    test = load_dataset(cfg.dataset, data_dir=cfg.data_dir or None, train=False)
-    idx = used_test_indices(cfg.dataset, cfg.data_dir, cfg.max_test_samples, cfg.seed)
-    test_images = test.images if idx is None else test.images[idx]
-    test_labels = test.labels if idx is None else test.labels[idx]
+    test_images, test_labels = server_test_set(cfg)
     times = []
     for server_round in range(1, rounds + 1):
         start = time.perf_counter()
         updates, counts = [], []
         for pid in range(num_clients):
-            data = _client_data(cfg, pid, num_clients)
+            data = client_data(cfg, pid, num_clients)
             model.load_state_dict(global_sd)
             stats = train(model, data.train_images, data.train_labels, epochs=cfg.local_epochs,
                           batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
-                          seed=_train_seed(cfg.seed, server_round, pid), device="cpu")
+                          seed=train_seed(cfg.seed, server_round, pid), device="cpu")
             updates.append({k: v.clone() for k, v in model.state_dict().items()})
             counts.append(stats["num_examples"])
         global_sd = fedmerge.merge(updates, align=None, weights=counts)
         model.load_state_dict(global_sd)
         for pid in range(num_clients):
-            data = _client_data(cfg, pid, num_clients)
+            data = client_data(cfg, pid, num_clients)
             evaluate(model, data.eval_images, data.eval_labels, device="cpu")
         accuracy = evaluate(model, test_images, test_labels, device="cpu")["accuracy"]
         times.append(time.perf_counter() - start)
