@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from .symmetry import KINDS
 from .transforms import (apply_permutation, compose_permutations, identity_permutation, invert_permutation,
                          is_identity, random_permutation)
 
@@ -30,5 +31,4 @@ def permute_axis(t: torch.Tensor, axis: int, index: torch.Tensor) -> torch.Tenso
     map) is permuted block-wise, which is how a channel permutation acts on the input of the first
     linear layer of a CNN.
     """
-    from .symmetry import KINDS
     return KINDS["permutation"].act(t, axis, index)

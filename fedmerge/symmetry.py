@@ -39,6 +39,8 @@ from typing import Any, NamedTuple, Protocol
 
 import torch
 
+from .assignment import solve_lap
+
 __all__ = ["KINDS", "Group", "Orthogonal", "Permutation", "SignedPermutation", "SignedPermutationGroup",
            "group", "group_of_element"]
 
@@ -126,11 +128,6 @@ def _check_index(index: Any, d: int, name: str) -> None:
         raise ValueError(f"{name}: the index is not a permutation of 0..{d - 1}")
 
 
-def _lap(score: torch.Tensor) -> torch.Tensor:
-    from .matching._lap import solve_lap  # scipy, loaded on first use
-    return solve_lap(score)
-
-
 class Permutation:
     """Reordering of units; elements are ``LongTensor`` index vectors."""
 
@@ -155,7 +152,7 @@ class Permutation:
         return index
 
     def best_response(self, score):
-        return _lap(score)
+        return solve_lap(score)
 
     def matrix(self, g):
         d = g.numel()
@@ -201,7 +198,7 @@ class SignedPermutationGroup:
         return SignedPermutation(index, torch.ones(index.numel(), device=index.device))
 
     def best_response(self, score):
-        index = _lap(score.abs())
+        index = solve_lap(score.abs())
         matched = score[index, torch.arange(score.shape[1], device=score.device)]
         signs = torch.where(matched < 0, -1.0, 1.0).to(score.device)
         return SignedPermutation(index, signs)

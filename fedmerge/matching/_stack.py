@@ -96,7 +96,7 @@ def contract_hard(t: torch.Tensor, axis: int, perm: torch.Tensor) -> torch.Tenso
     """Map axis ``axis`` of every model into the universe with index permutations ``perm`` (``(n, d)``)."""
     n, d = perm.shape
     v = split_axis(t, axis, d)
-    if v.shape[1] == 1:  # whole rows move: index_select copies rows (≈3× faster than gather here)
+    if v.shape[1] == 1:  # whole rows move: index_select copies rows, cheaper than an element-wise gather
         rows = (perm + torch.arange(n, device=perm.device).unsqueeze(1) * d).reshape(-1)
         return v.reshape(n * d, -1).index_select(0, rows).view(t.shape)
     idx = perm.view(n, 1, d, 1).expand(-1, v.shape[1], -1, v.shape[3])

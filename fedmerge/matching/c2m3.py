@@ -35,11 +35,12 @@ import numpy as np
 import torch
 from scipy.optimize import OptimizeResult
 
+from ..assignment import solve_lap_groups
 from ..progress import STOPPED, Callback, report
 from ..spec import SymmetrySpec
 from ..transforms import compose_transforms, invert_transform
-from ._lap import solve_lap_groups
 from ._stack import SoftPermutation, Stack, contract_hard, linear_term, pair_objective, unstack_permutations
+from .mergemany import mergemany_matching
 
 __all__ = ["c2m3_matching"]
 
@@ -204,7 +205,6 @@ def c2m3_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec: Symme
         hard[g] = idx
     perms = unstack_permutations(hard)
     if refine and message != STOPPED:
-        from .mergemany import mergemany_matching
         sweeps = 1000 if refine is True else int(refine)  # sweeps only ever raise the objective: they end
 
         def relabel(info):  # the sweeps report as this method's refinement phase

@@ -17,7 +17,9 @@ from torch import nn
 
 from ..spec import SymmetrySpec
 from .errors import HINT, TracingError, UnsupportedModuleError
+from .functions import call_function, call_method
 from .groups import FIXED, UnitGroups
+from .modules import call_module
 from .tables import SUPPORTED
 from .values import OTHER, T, arguments, fn_name, meta_shape, qualname
 
@@ -168,9 +170,6 @@ class Analysis:
 
     # ---------------------------------------------------------------- driver
     def run(self, graph: torch.fx.Graph) -> None:
-        from .functions import call_function, call_method
-        from .modules import call_module
-
         for node in graph.nodes:
             if node.op == "placeholder":
                 shape = meta_shape(node)
