@@ -9,9 +9,27 @@ client's identity comes from the node config that the Simulation Engine fills in
 ``context.node_config["partition-id"]`` and ``["num-partitions"]``.  Data is loaded lazily, once
 per worker process (:mod:`simulations.task`): the Simulation Engine ships this ClientApp and the
 node's Context to a Ray actor for *every* message, so nothing heavy may live in a closure.
+
+The device is the configured one if this process can use it (:func:`simulations.task.device_of`):
+a client that Ray gave a GPU it cannot use trains on the CPU and logs a warning.  With the
+environment variable ``FEDMERGE_CLIENT_TRACE`` set to a directory (it must be set where the Ray
+workers start: in the shell of run.py for its private Ray instance, in that of ``ray start`` for a
+cluster), every train/evaluate call appends one JSON line to ``<dir>/client-<host>-<pid>.jsonl``:
+partition, round, start and end times, the GPUs Ray assigned, ``CUDA_VISIBLE_DEVICES`` and the
+device used -- to see how clients were spread over processes and GPUs.
 """
 
 from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Iterator
+
+import dataclasses
 
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
@@ -21,9 +39,51 @@ from fedmerge.training import evaluate, train
 
 from .config import ClientConfig
 from .messages import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, PARTITION_KEY
-from .task import build_global_model, client_data, device_of, independent_init_seed, train_seed
+from .task import assigned_gpus, build_global_model, client_data, device_of, independent_init_seed, train_seed
 
-__all__ = ["app", "evaluate_handler", "partition_handler", "train_handler"]
+__all__ = ["TRACE_ENV", "app", "evaluate_handler", "node_partition", "partition_handler", "train_handler"]
+
+def node_partition(context: Context) -> tuple[int, int]:
+    """``(partition-id, num-partitions)`` of this node's node config, checked.
+
+    The Simulation Engine sets both (``num-partitions``: the number of simulated nodes); a
+    SuperNode gets them from ``flower-supernode --node-config "partition-id=0 num-partitions=2"``.
+    ``num-partitions`` decides how the data is split; it need not equal the server's
+    ``num-clients`` (the number of nodes the server waits for).
+    """
+    try:
+        pid, num = int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"the node config must give integers partition-id and num-partitions "
+                         f"(flower-supernode --node-config \"partition-id=0 num-partitions=2\"), "
+                         f"got {dict(context.node_config)}") from None
+    if num < 1 or not 0 <= pid < num:
+        raise ValueError(f"node config: partition-id {pid} is out of range for num-partitions {num} "
+                         f"(0 <= partition-id < num-partitions)")
+    return pid, num
+
+
+#: Environment variable: a directory where every client call appends a JSON line (see the module doc).
+TRACE_ENV = "FEDMERGE_CLIENT_TRACE"
+
+
+@contextlib.contextmanager
+def _traced(handler: str, partition_id: int, server_round: int, device: torch.device) -> Iterator[None]:
+    """Append this call's placement and timing to ``$FEDMERGE_CLIENT_TRACE`` (a no-op when unset)."""
+    trace_dir = os.environ.get(TRACE_ENV)
+    start = time.time()
+    try:
+        yield
+    finally:
+        if trace_dir:
+            host = socket.gethostname()
+            entry = {"handler": handler, "partition-id": partition_id, "round": server_round, "host": host,
+                     "pid": os.getpid(), "start": start, "end": time.time(), "gpu-ids": assigned_gpus(),
+                     "cuda-visible-devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "device": str(device)}
+            path = Path(trace_dir) / f"client-{host}-{os.getpid()}.jsonl"
+            with path.open("a") as f:  # one file per process: no interleaved writes
+                f.write(json.dumps(entry) + "\n")
+
 
 def _read(msg: Message, context: Context) -> tuple[ClientConfig, int, int, int]:
     """(config, partition id, number of partitions, server round) of an incoming message."""
@@ -31,10 +91,9 @@ def _read(msg: Message, context: Context) -> tuple[ClientConfig, int, int, int]:
     if record is None:
         raise ValueError(f"message carries no {CONFIG_KEY!r} ConfigRecord")
     cfg = ClientConfig.from_mapping(record)
-    partition_id = int(context.node_config["partition-id"])
-    num_clients = int(context.node_config["num-partitions"])
-    if cfg.num_clients and cfg.num_clients != num_clients:
-        raise ValueError(f"config says {cfg.num_clients} clients but the simulation has {num_clients} nodes")
+    partition_id, num_clients = node_partition(context)
+    if context.node_config.get("data-dir"):  # a SuperNode's own data directory wins over the server's
+        cfg = dataclasses.replace(cfg, data_dir=str(context.node_config["data-dir"]))
     if cfg.threads > 0 and torch.get_num_threads() != cfg.threads:
         torch.set_num_threads(cfg.threads)
     return cfg, partition_id, num_clients, int(record.get("server-round", 0))
@@ -69,9 +128,11 @@ def train_handler(msg: Message, context: Context) -> Message:
     else:
         model = _load_model(msg, cfg)
     data = client_data(cfg, pid, num_clients)
-    stats = train(model, data.train_images, data.train_labels, epochs=cfg.local_epochs,
-                  batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
-                  seed=train_seed(cfg.seed, server_round, pid), device=device_of(cfg))
+    device = device_of(cfg)
+    with _traced("train", pid, server_round, device):
+        stats = train(model, data.train_images, data.train_labels, epochs=cfg.local_epochs,
+                      batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
+                      seed=train_seed(cfg.seed, server_round, pid), device=device)
     metrics = MetricRecord({
         "train_loss": float(stats["loss"]),
         "train_accuracy": float(stats["accuracy"]),
@@ -85,10 +146,12 @@ def train_handler(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate_handler(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on this client's held-out share (or test share)."""
-    cfg, pid, num_clients, _ = _read(msg, context)
+    cfg, pid, num_clients, server_round = _read(msg, context)
     model = _load_model(msg, cfg)
     data = client_data(cfg, pid, num_clients)
-    stats = evaluate(model, data.eval_images, data.eval_labels, device=device_of(cfg))
+    device = device_of(cfg)
+    with _traced("evaluate", pid, server_round, device):
+        stats = evaluate(model, data.eval_images, data.eval_labels, device=device)
     metrics = MetricRecord({
         "eval_loss": float(stats["loss"]),
         "eval_accuracy": float(stats["accuracy"]),
@@ -105,5 +168,5 @@ def partition_handler(msg: Message, context: Context) -> Message:
     Node ids are random in every simulation run; the server asks once, before round 1, when it
     samples a fraction of the clients, so that the same seed samples the same partitions.
     """
-    metrics = MetricRecord({PARTITION_KEY: int(context.node_config["partition-id"])})
+    metrics = MetricRecord({PARTITION_KEY: node_partition(context)[0]})
     return Message(content=RecordDict({METRICS_KEY: metrics}), reply_to=msg)

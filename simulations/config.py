@@ -53,8 +53,9 @@ CLIENT_DEFAULTS: dict[str, Any] = {
     "model-kwargs": "{}",         # JSON object, passed to fedmerge.models.build_model
     "partition": "iid",
     "alpha": 0.5,                 # Dirichlet concentration (partition "dirichlet")
-    # Also the server's: it waits for this many nodes.  A client checks it against the number of
-    # simulated nodes; 0 (accepted, never a default) skips that check.
+    # The number of nodes the server waits for (up to node-wait seconds; then it runs with those
+    # connected, at least min-clients).  A client splits the data by its node config's
+    # num-partitions (the Simulation Engine sets it to the number of simulated nodes).
     "num-clients": 20,
     "seed": 0,
     "local-epochs": 1,
@@ -83,15 +84,22 @@ SERVER_DEFAULTS: dict[str, Any] = {
     "progress": True,             # tqdm bars over rounds and over the replies of each round
     "stop-on-failure": False,     # True: the first failed or malformed client reply stops the run
     "round-timeout": 3600.0,      # seconds to wait for the replies of one round
+    # Seconds to wait for num-clients nodes to connect before round 1 (and, in later rounds, for
+    # min-clients); then the run goes on with the nodes connected, or stops if fewer than min-clients.
+    "node-wait": 60.0,
+    "min-clients": 2,             # fewest connected nodes to run with (capped at num-clients)
 }
 
 #: Every key of the run configuration (``[tool.flwr.app.config]`` holds exactly these).
 DEFAULTS: dict[str, Any] = {**CLIENT_DEFAULTS, **SERVER_DEFAULTS}
 
-#: Ray resources of one client actor under simulations/run.py (``flwr run`` takes them from the
-#: federation config instead: ``client-resources-num-cpus``/``-num-gpus``).  Flower's default of
-#: 2 CPUs would run one client at a time on a 2-core machine.
-RESOURCE_DEFAULTS: dict[str, float] = {"cpus-per-client": 1.0, "gpus-per-client": 0.0}
+#: Ray settings of simulations/run.py: the resources of one client actor (``flwr run`` takes them
+#: from the federation config instead: ``client-resources-num-cpus``/``-num-gpus``; Flower's default
+#: of 2 CPUs would run one client at a time on a 2-core machine), the cluster to connect to
+#: (``ray-address``; "" = start a private Ray instance) and the CPUs/GPUs declared to that private
+#: instance (``ray-num-cpus``/``-num-gpus``, Flower's ``init-args-num-cpus``/``-num-gpus``; 0 = detect).
+RESOURCE_DEFAULTS: dict[str, Any] = {"cpus-per-client": 1.0, "gpus-per-client": 0.0,
+                                     "ray-address": "", "ray-num-cpus": 0, "ray-num-gpus": 0}
 
 
 def default_out(config: Mapping[str, Any], root: str | os.PathLike = "runs") -> Path:

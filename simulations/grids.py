@@ -9,14 +9,92 @@ from __future__ import annotations
 import math
 import random
 import time
-from typing import Any, Iterable, Mapping
+from logging import INFO, WARNING
+from typing import Any, Callable, Iterable, Mapping
 
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
+from flwr.supercore import log
 
 from .messages import PARTITION_QUERY, partition_id
 
-__all__ = ["PartitionOrderedGrid", "ReplyProgressGrid", "ask_partitions"]
+__all__ = ["NodeWaitGrid", "NotEnoughNodesError", "PartitionOrderedGrid", "ReplyProgressGrid", "ask_partitions",
+           "wait_for_nodes"]
+
+
+class NotEnoughNodesError(RuntimeError):
+    """Fewer nodes connected than the run needs, after waiting ``node-wait`` seconds."""
+
+
+def wait_for_nodes(grid: Grid, expected: int, minimum: int, timeout: float, *, poll: float = 1.0,
+                   clock: Callable[[], float] = time.monotonic,
+                   sleep: Callable[[float], None] = time.sleep) -> list[int]:
+    """The ids of the connected nodes, once ``expected`` are connected or ``timeout`` seconds have passed.
+
+    Flower's FedAvg waits without a limit for ``min_available_nodes``: a run asking for more
+    nodes than the federation has would hang before round 1.  This waits at most ``timeout``
+    seconds; with fewer than ``expected`` nodes by then it logs a warning and returns those
+    connected if they are at least ``minimum`` (capped at ``expected``), else it raises
+    :class:`NotEnoughNodesError` naming the numbers.
+    """
+    minimum = max(1, min(int(minimum), int(expected)))
+    start = clock()
+    last_count = -1
+    while True:
+        nodes = list(grid.get_node_ids())
+        waited = clock() - start
+        if len(nodes) >= expected:
+            log(INFO, "%d of %d nodes connected after %.0f s", len(nodes), expected, waited)
+            return nodes
+        if waited >= timeout:
+            break
+        if len(nodes) != last_count:
+            log(INFO, "waiting up to %.0f s for %d nodes: %d connected", timeout, expected, len(nodes))
+            last_count = len(nodes)
+        sleep(min(poll, max(0.0, timeout - waited)))
+    if len(nodes) < minimum:
+        raise NotEnoughNodesError(
+            f"expected {expected} nodes (num-clients), only {len(nodes)} connected after waiting "
+            f"{timeout:g} s (node-wait), fewer than the minimum of {minimum} (min-clients): start more "
+            f"SuperNodes, or lower num-clients / min-clients, or raise node-wait")
+    log(WARNING, "expected %d nodes (num-clients), %d connected after waiting %g s (node-wait): "
+        "running with the %d connected", expected, len(nodes), timeout, len(nodes))
+    return nodes
+
+
+class NodeWaitGrid:
+    """The Grid, whose ``get_node_ids`` gives up once fewer than ``minimum`` nodes stayed connected for ``timeout`` s.
+
+    Flower's node sampling polls ``get_node_ids`` once a second, without a limit, until the
+    strategy's ``min_available_nodes`` are connected.  Nodes that leave during a run would make
+    it hang there; through this wrapper the poll raises :class:`NotEnoughNodesError` instead.
+    Every other Grid method is the wrapped grid's.
+    """
+
+    def __init__(self, grid: Grid, minimum: int, timeout: float, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._grid = grid
+        self._minimum = int(minimum)
+        self._timeout = float(timeout)
+        self._clock = clock
+        self._short_since: float | None = None
+
+    def get_node_ids(self) -> list[int]:
+        nodes = list(self._grid.get_node_ids())
+        if len(nodes) >= self._minimum:
+            self._short_since = None
+            return nodes
+        now = self._clock()
+        if self._short_since is None:
+            self._short_since = now
+        elif now - self._short_since >= self._timeout:
+            raise NotEnoughNodesError(
+                f"only {len(nodes)} nodes connected for {now - self._short_since:.0f} s (node-wait), "
+                f"fewer than the minimum of {self._minimum} (min-clients)")
+        return nodes
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
 
 
 class PartitionOrderedGrid:

@@ -11,9 +11,10 @@ the setting in which aligning before averaging matters; ``--init shared`` is cla
 
 The ServerApp (``simulations/server_app.py``) and ClientApp (``simulations/client_app.py``) are
 started with ``flwr.simulation.run_simulation``: each simulated client runs in a Ray actor with
-``--cpus-per-client``/``--gpus-per-client`` resources.  The whole configuration reaches the
-ServerApp through the environment variable ``FEDMERGE_SIM_CONFIG`` (JSON) and the clients through
-the ConfigRecord of every message.  Outputs land in ``--out`` (``results.json``, ``tensorboard/``,
+``--cpus-per-client``/``--gpus-per-client`` resources, on a private Ray instance or, with
+``--ray-address``, on a Ray cluster that is already running (never stopped by this script).
+The whole configuration reaches the ServerApp through the environment variable
+``FEDMERGE_SIM_CONFIG`` (JSON) and the clients through the ConfigRecord of every message.  Outputs land in ``--out`` (``results.json``, ``tensorboard/``,
 ``checkpoints/round-{r}.pt``); a table of the rounds is printed at the end.
 
 Bad input exits with status 2 and a one-line message.
@@ -26,6 +27,7 @@ import json
 import logging
 import os
 import shlex
+import socket
 import sys
 import time
 import warnings
@@ -50,7 +52,7 @@ from simulations.config import (CLIENT_EVAL_MODES, CONFIG_ENV, DEFAULTS, INIT_MO
                                 RESOURCE_DEFAULTS, default_out)
 from strategies import STRATEGIES  # noqa: E402
 
-__all__ = ["build_parser", "failure_summary", "format_table", "main"]
+__all__ = ["backend_config", "build_parser", "clients_that_fit", "failure_summary", "format_table", "main"]
 
 RUN_SIMULATION_NOTE = (
     "note: this script calls flwr.simulation.run_simulation on purpose (one command, plain CLI "
@@ -110,6 +112,24 @@ def _float_in(low: float, high: float, *, low_open: bool = False, high_open: boo
 
 _positive_float = _float_in(0.0, float("inf"), low_open=True, high_open=True)
 _non_negative_float = _float_in(0.0, float("inf"), high_open=True)
+
+
+def _ray_address(text: str) -> str:
+    """An argparse type: ``HOST:PORT`` of a Ray head node (its GCS), ``auto`` or ``""`` (none)."""
+    text = text.strip()
+    if text in ("", "auto"):
+        return text
+    if "://" in text:
+        raise argparse.ArgumentTypeError(
+            f"expected HOST:PORT of a Ray head node (as `ray start --head` prints it) or auto, got {text!r}: "
+            "Ray Client addresses (ray://) are not supported, run this script on a machine of the cluster")
+    host, sep, port = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if (not sep or not host or not port.isdigit() or not 0 < int(port) < 65536
+            or any(c.isspace() or c in "/[]" for c in host)):
+        raise argparse.ArgumentTypeError(
+            f"expected HOST:PORT of a Ray head node, e.g. 10.0.0.5:6379, or auto, got {text!r}")
+    return text
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -175,7 +195,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-client", type=_positive_float, default=d["cpus-per-client"],
                    help="Ray CPUs per client actor, and the torch threads of each client")
     p.add_argument("--gpus-per-client", type=_non_negative_float, default=d["gpus-per-client"],
-                   help="Ray GPUs per client actor")
+                   help="Ray GPUs per client actor; fractions pack several clients on one GPU (0.5: two per "
+                        "GPU) and clients spread over every GPU Ray has")
+    ray_group = p.add_argument_group("Ray")
+    ray_group.add_argument("--ray-address", type=_ray_address, default=d["ray-address"], metavar="ADDRESS",
+                           help="run on the Ray cluster already running at ADDRESS (HOST:PORT of its head node, "
+                                "as `ray start --head` prints it; auto: $RAY_ADDRESS or the latest cluster "
+                                "started on this machine) instead of a private Ray instance (empty: private); "
+                                "the cluster is left running")
+    ray_group.add_argument("--ray-num-cpus", type=_non_negative_int, default=d["ray-num-cpus"], metavar="N",
+                           help="CPUs declared to the private Ray instance (0: this machine's)")
+    ray_group.add_argument("--ray-num-gpus", type=_non_negative_int, default=d["ray-num-gpus"], metavar="N",
+                           help="GPUs declared to the private Ray instance (0: the CUDA GPUs torch sees); Ray "
+                                "gives each client actor its share and sets its CUDA_VISIBLE_DEVICES")
     adv = p.add_argument_group("advanced")
     adv.add_argument("--max-train-samples", type=_non_negative_int, default=d["max-train-samples"],
                      help="use a seeded random subset of the training set (0: all)")
@@ -236,12 +268,9 @@ def make_config(parser: argparse.ArgumentParser, args: argparse.Namespace,
 
     if args.max_iter and args.strategy == "fedavg":
         parser.error("--max-iter sets the matching of git-rebasin, mergemany and c2m3; fedavg does no matching")
-    cpus = os.cpu_count() or 1
-    if args.cpus_per_client > cpus:
-        parser.error(f"--cpus-per-client {args.cpus_per_client:g} exceeds the {cpus} CPUs of this machine: "
-                     "Ray could not place a single client")
-    if args.gpus_per_client > 0 and not torch.cuda.is_available():
-        parser.error(f"--gpus-per-client {args.gpus_per_client:g} but no CUDA GPU is available")
+    if args.ray_address and (args.ray_num_cpus or args.ray_num_gpus):
+        parser.error("--ray-num-cpus/--ray-num-gpus declare the resources of a private Ray instance; with "
+                     "--ray-address each node declares its own (`ray start --num-cpus N --num-gpus N`)")
     if args.client_eval == "holdout" and args.holdout_fraction == 0 and args.fraction_evaluate > 0:
         parser.error("--client-eval holdout needs --holdout-fraction > 0 (or --client-eval test, "
                      "or --fraction-evaluate 0)")
@@ -273,6 +302,9 @@ def make_config(parser: argparse.ArgumentParser, args: argparse.Namespace,
         "threads": threads,
         "cpus-per-client": args.cpus_per_client,
         "gpus-per-client": args.gpus_per_client,
+        "ray-address": args.ray_address,
+        "ray-num-cpus": args.ray_num_cpus,
+        "ray-num-gpus": args.ray_num_gpus,
         "stop-on-failure": args.stop_on_failure,
         "max-iter": args.max_iter,
         "progress": args.progress,
@@ -297,7 +329,88 @@ def make_config(parser: argparse.ArgumentParser, args: argparse.Namespace,
     if args.holdout_fraction > 0 and smallest < 2:
         parser.error(f"a client gets only {smallest} training sample(s): nothing left after the hold-out; "
                      "use fewer clients, more samples or --holdout-fraction 0 --client-eval test")
+    if args.ray_address:  # last: the only check that talks to another process
+        _check_client_fits(parser, args, _cluster_nodes(parser, args.ray_address),
+                           f"the Ray cluster at {args.ray_address}")
+    else:
+        declared = args.ray_num_cpus or args.ray_num_gpus
+        _check_client_fits(parser, args, [_local_node(args)],
+                           "the private Ray instance" if declared else "this machine")
     return config
+
+
+# --------------------------------------------------------------------------- Ray
+
+
+def _local_node(args: argparse.Namespace) -> dict[str, float]:
+    """The CPUs and GPUs the private Ray instance will have (declared, else detected as Ray would)."""
+    import torch
+
+    return {"CPU": float(args.ray_num_cpus or os.cpu_count() or 1),
+            "GPU": float(args.ray_num_gpus or torch.cuda.device_count())}
+
+
+def _cluster_nodes(parser: argparse.ArgumentParser, address: str) -> list[dict[str, float]]:
+    """The resources of every alive node of the Ray cluster at ``address`` (connects once, then disconnects).
+
+    Disconnecting (``ray.shutdown()`` in a driver that joined a running cluster) leaves the cluster
+    up, as does Flower's RayBackend when the simulation ends.
+    """
+    if address != "auto":
+        host, _, port = address.rpartition(":")
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+        except OSError as exc:
+            parser.error(f"--ray-address {address}: no Ray cluster answers there ({exc.strerror or exc}); "
+                         f"start one with `ray start --head --port {port}` or give the address it printed")
+    import ray
+
+    try:
+        ray.init(address=address, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+        nodes = [{k: float(v) for k, v in n["Resources"].items()} for n in ray.nodes()
+                 if n.get("Alive") and n.get("Resources")]
+    except Exception as exc:  # noqa: BLE001 - version mismatch, not a GCS, no cluster for "auto", ...
+        parser.error(f"--ray-address {address}: cannot join the Ray cluster: {_one_line(exc)}")
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()  # a driver's disconnect: the cluster keeps running
+    return nodes
+
+
+def clients_that_fit(nodes: Sequence[dict[str, float]], cpus: float, gpus: float) -> int:
+    """How many client actors Flower's RayBackend places on ``nodes`` (its ``pool_size_from_resources``)."""
+    total = 0
+    for node in nodes:
+        n = int(node.get("CPU", 0.0) / cpus)
+        if gpus > 0:
+            n = min(n, int(node.get("GPU", 0.0) / gpus))
+        total += n
+    return total
+
+
+def _check_client_fits(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                       nodes: Sequence[dict[str, float]], where: str) -> None:
+    """Exit 2 unless Ray can place at least one client on ``nodes``; note the client parallelism."""
+    cpus, gpus = args.cpus_per_client, args.gpus_per_client
+    total_cpus = sum(n.get("CPU", 0.0) for n in nodes)
+    total_gpus = sum(n.get("GPU", 0.0) for n in nodes)
+    if gpus > 0 and total_gpus == 0:
+        if args.ray_address:
+            parser.error(f"--gpus-per-client {gpus:g} but {where} has no GPU (a node declares its GPUs at "
+                         "`ray start --num-gpus N`, or Ray detects them)")
+        parser.error(f"--gpus-per-client {gpus:g} but no GPU is available: torch sees no CUDA GPU and none "
+                     "is declared with --ray-num-gpus")
+    fit = clients_that_fit(nodes, cpus, gpus)
+    if fit == 0:
+        if gpus > 0 and not any(n.get("GPU", 0.0) >= gpus for n in nodes):
+            parser.error(f"--gpus-per-client {gpus:g} exceeds the GPUs of every node of {where} "
+                         f"(at most {max(n.get('GPU', 0.0) for n in nodes):g}): Ray could not place a single client")
+        parser.error(f"--cpus-per-client {cpus:g} exceeds the {max(n.get('CPU', 0.0) for n in nodes):g} CPUs "
+                     f"of {'every node of ' if len(nodes) > 1 else ''}{where}"
+                     f"{' that has the GPUs' if gpus > 0 else ''}: Ray could not place a single client")
+    if args.ray_address or gpus > 0 or args.ray_num_cpus or args.ray_num_gpus:
+        print(f"Ray: {fit} clients at a time on {where} ({len(nodes)} node(s), {total_cpus:g} CPUs, "
+              f"{total_gpus:g} GPUs; {cpus:g} CPUs and {gpus:g} GPUs per client)", flush=True)
 
 
 # --------------------------------------------------------------------------- output
@@ -343,6 +456,23 @@ def failure_summary(results: dict[str, Any]) -> list[str]:
 # ----------------------------------------------------------------------------- main
 
 
+def backend_config(args: argparse.Namespace) -> dict[str, Any]:
+    """Flower's Ray backend config: ``client_resources`` per actor, ``init_args`` for ``ray.init``.
+
+    Without ``--ray-address``, ``address="local"`` makes ``ray.init`` start a private instance even
+    when ``$RAY_ADDRESS`` is set or a cluster was started on this machine with ``ray start`` (which
+    ``ray.init()`` would otherwise join).  With it, ``ray.init(address=...)`` joins that cluster; at
+    the end Flower's backend calls ``ray.shutdown()``, which only disconnects this driver from it.
+    """
+    init_args: dict[str, Any] = {"address": args.ray_address or "local"}
+    if args.ray_num_cpus:
+        init_args["num_cpus"] = args.ray_num_cpus
+    if args.ray_num_gpus:
+        init_args["num_gpus"] = args.ray_num_gpus
+    return {"client_resources": {"num_cpus": args.cpus_per_client, "num_gpus": args.gpus_per_client},
+            "init_args": init_args}
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Parse ``argv``, run the simulation, print the table; returns the content of results.json."""
     parser = build_parser()
@@ -374,8 +504,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             client_app=client_app.app,
             num_supernodes=args.clients,
             backend_name="ray",
-            backend_config={"client_resources": {"num_cpus": args.cpus_per_client,
-                                                 "num_gpus": args.gpus_per_client}},
+            backend_config=backend_config(args),
             verbose_logging=False,  # True would switch Flower to DEBUG; --verbose keeps INFO
         )
     finally:

@@ -14,7 +14,7 @@ fedmerge strategies (``git-rebasin``, ``mergemany``, ``c2m3``), which subclass i
 
 from __future__ import annotations
 
-from logging import WARNING
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -25,28 +25,35 @@ from flwr.supercore import log
 
 from strategies import STRATEGIES, MergingStrategy
 
-from .config import ClientConfig, config_record, load_config
-from .grids import PartitionOrderedGrid, ReplyProgressGrid, ask_partitions
+from .config import DEFAULTS, ClientConfig, config_record, load_config
+from .grids import NodeWaitGrid, PartitionOrderedGrid, ReplyProgressGrid, ask_partitions, wait_for_nodes
 from .recorder import RunRecorder
 from .task import build_global_model
 
-__all__ = ["STRATEGIES", "app", "fedavg_kwargs", "make_strategy"]
+__all__ = ["STRATEGIES", "app", "fedavg_kwargs", "make_strategy", "min_nodes", "resolve_out"]
 
 
 def fedavg_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
     """Constructor arguments of Flower's ``FedAvg`` (and its subclasses) from the run configuration.
 
     Minimums are set so that ``fraction`` means what it says (at least one client per round) and
-    the run waits until all ``num-clients`` simulated nodes are up.
+    the strategy waits for all ``num-clients`` nodes.  FedAvg would wait for them without a limit:
+    the ServerApp waits itself, at most ``node-wait`` seconds
+    (:func:`simulations.grids.wait_for_nodes`), then lowers ``min_available_nodes`` to
+    :func:`min_nodes` and bounds every later wait (:class:`simulations.grids.NodeWaitGrid`).
     """
-    num_clients = int(config["num-clients"])
     return {
         "fraction_train": float(config["fraction"]),
         "fraction_evaluate": float(config["fraction-evaluate"]),
         "min_train_nodes": 1,
         "min_evaluate_nodes": 1,
-        "min_available_nodes": num_clients,
+        "min_available_nodes": int(config["num-clients"]),
     }
+
+
+def min_nodes(config: Mapping[str, Any]) -> int:
+    """The fewest connected nodes a run goes on with: ``min-clients``, capped at ``num-clients`` (>= 1)."""
+    return max(1, min(int(config.get("min-clients", DEFAULTS["min-clients"])), int(config["num-clients"])))
 
 
 def make_strategy(config: Mapping[str, Any]) -> Strategy:
@@ -66,6 +73,16 @@ def make_strategy(config: Mapping[str, Any]) -> Strategy:
     return cls(**kwargs)
 
 
+def resolve_out(config: Mapping[str, Any]) -> Path:
+    """``out`` as an absolute path: ``~`` expanded, a relative path taken from the working directory.
+
+    The working directory is this process's: under ``simulations/run.py`` the one run.py was started
+    in (run.py resolves ``--out`` itself), under ``flwr run`` on a SuperLink the directory that the
+    SuperLink (which starts the ServerApp's ``flower-superexec``) was started in, on its host.
+    """
+    return Path(str(config["out"])).expanduser().resolve()
+
+
 # --------------------------------------------------------------------------- the app
 
 app = ServerApp()
@@ -75,20 +92,27 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Run ``num-rounds`` rounds of the configured strategy and write the outputs."""
     config = load_config(context)
-    out_dir = Path(str(config["out"])).expanduser()
+    out_dir = resolve_out(config)
+    config["out"] = str(out_dir)  # results.json says where everything went
     out_dir.mkdir(parents=True, exist_ok=True)
+    log(INFO, "fedmerge: results, checkpoints and TensorBoard go to %s", out_dir)
     strategy = make_strategy(config)
     client_config = config_record(config)  # validates the client settings here, on the server
     recorder = RunRecorder(config, out_dir)
     try:
         recorder.instrument(strategy)
+        # Flower's sampling would wait forever for nodes that never come: bound every wait
+        node_wait = float(config["node-wait"])
+        nodes = wait_for_nodes(grid, int(config["num-clients"]), min_nodes(config), node_wait)
+        grid = NodeWaitGrid(grid, min_nodes(config), node_wait)
+        strategy.min_available_nodes = min_nodes(config)  # the wait for num-clients is over
         if float(config["fraction"]) < 1 or float(config["fraction-evaluate"]) < 1:
             # sampled clients: the same seed must sample the same partitions in every run
-            num_clients = int(config["num-clients"])
-            partition_of = ask_partitions(grid, num_clients, timeout=float(config["round-timeout"]))
-            if len(partition_of) < num_clients:
+            num_nodes = len(nodes)
+            partition_of = ask_partitions(grid, num_nodes, timeout=float(config["round-timeout"]))
+            if len(partition_of) < num_nodes:
                 log(WARNING, "only %d of %d clients told their partition id: client sampling is not "
-                    "reproducible across runs", len(partition_of), num_clients)
+                    "reproducible across runs", len(partition_of), num_nodes)
             grid = PartitionOrderedGrid(grid, partition_of, int(config["seed"]))
         if config.get("progress", True):
             grid = ReplyProgressGrid(grid)  # a bar over the clients' replies inside each round
@@ -108,5 +132,6 @@ def main(grid: Grid, context: Context) -> None:
         raise
     else:
         recorder.write_results(complete=True)
+        log(INFO, "fedmerge: results in %s", out_dir / "results.json")
     finally:
         recorder.close()

@@ -5,14 +5,19 @@ trains and evaluates on its partition; ``simulations/run.py`` checks the partiti
 starts, and the round-time benchmark repeats the clients' work in a plain loop.  All of them call
 these functions, so they agree on which samples, partitions and seeds a configuration means.
 
-Partitions and client data are ``functools.lru_cache``-d on the settings that determine them: the
-Simulation Engine ships the ClientApp and the node's Context to a Ray actor for *every* message,
-and one actor serves many partition ids in turn, so they are computed once per process.
+Partitions and each client's sample indices are ``functools.lru_cache``-d on the settings that
+determine them: the Simulation Engine ships the ClientApp and the node's Context to a Ray actor for
+*every* message, and one actor serves many partition ids in turn, so they are computed once per
+process.  The samples themselves are gathered per message, so that a worker's memory does not grow
+with the number of distinct clients it has served.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
+import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -24,8 +29,8 @@ from fedmerge.training import resolve_device
 
 from .config import ClientConfig
 
-__all__ = ["ClientData", "build_global_model", "client_data", "client_partitions", "client_test_shares", "device_of",
-           "independent_init_seed", "server_test_set", "train_seed", "used_test_indices", "used_train_indices"]
+__all__ = ["ClientData", "build_global_model", "client_data", "client_partitions", "client_test_shares", "assigned_gpus",
+           "device_of", "independent_init_seed", "server_test_set", "train_seed", "used_test_indices", "used_train_indices"]
 
 
 def build_global_model(cfg: ClientConfig, *, seed: int | None = None) -> torch.nn.Module:
@@ -36,9 +41,57 @@ def build_global_model(cfg: ClientConfig, *, seed: int | None = None) -> torch.n
         return build_model(cfg.model, input_shape=spec.input_shape, num_classes=spec.num_classes, **cfg.kwargs())
 
 
+def assigned_gpus() -> list[str]:
+    """The GPU ids Ray gave this process (a client actor with ``--gpus-per-client`` > 0), else ``[]``.
+
+    Ray sets ``CUDA_VISIBLE_DEVICES`` of every actor to the GPUs it assigned (``""`` when none); in
+    a Ray worker ``ray.get_gpu_ids()`` says the same.
+    """
+    ray = sys.modules.get("ray")  # never import Ray here: the server and the benchmarks use this module too
+    if ray is not None:
+        try:
+            if ray.is_initialized():
+                ids = [str(i) for i in ray.get_gpu_ids()]
+                if ids:
+                    return ids
+        except Exception:  # noqa: BLE001 - not a worker, or an old Ray: fall back to the variable
+            pass
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    return [v.strip() for v in visible.split(",") if v.strip()]
+
+
+@functools.lru_cache(maxsize=None)
+def _usable_device(requested: str, gpus: tuple[str, ...], cuda: bool, count: int) -> torch.device:
+    """``requested`` if this process can use it, else a fallback, with one warning per process and case."""
+    log = logging.getLogger("flwr")  # its handler reaches the driver's terminal from a Ray actor
+    if requested == "auto":
+        if not cuda and gpus:
+            log.warning("fedmerge client (pid %d): Ray assigned GPU %s (CUDA_VISIBLE_DEVICES=%s) but torch "
+                        "cannot use CUDA here (torch.cuda.is_available() is False): training on the CPU",
+                        os.getpid(), ",".join(gpus), os.environ.get("CUDA_VISIBLE_DEVICES", ""))
+        return resolve_device(None)
+    device = torch.device(requested)
+    if device.type == "cuda" and not cuda:
+        log.warning("fedmerge: device %r is not usable (torch.cuda.is_available() is False%s): using the CPU",
+                    requested, f"; Ray assigned GPU {','.join(gpus)}" if gpus else "")
+        return torch.device("cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= count:
+        log.warning("fedmerge: device %r is not usable (this process sees %d CUDA device(s)%s): using cuda:0",
+                    requested, count, f", Ray assigned GPU {','.join(gpus)}" if gpus else "")
+        return torch.device("cuda", 0)
+    return device
+
+
 def device_of(cfg: ClientConfig) -> torch.device:
-    """The configured torch device (``"auto"``: CUDA when available)."""
-    return resolve_device(None if cfg.device == "auto" else cfg.device)
+    """The torch device to compute on: the configured one (``"auto"``: CUDA when available), if usable.
+
+    Under Ray a client actor sees only the GPUs assigned to it (as ``cuda:0``...).  When the device
+    is not usable -- CUDA wanted or GPUs assigned, but ``torch.cuda.is_available()`` is False (a
+    CPU-only torch, a broken driver, GPUs only declared to Ray) -- this falls back to the CPU (or to
+    ``cuda:0`` for an index beyond the visible GPUs) and logs a warning once per process.
+    """
+    cuda = torch.cuda.is_available()
+    return _usable_device(cfg.device, tuple(assigned_gpus()), cuda, torch.cuda.device_count() if cuda else 0)
 
 
 def independent_init_seed(seed: int, partition_id: int) -> int:
@@ -114,9 +167,15 @@ class ClientData:
     eval_labels: torch.Tensor
 
 
-@functools.lru_cache(maxsize=256)
-def client_data(cfg: ClientConfig, partition_id: int, num_clients: int) -> ClientData:
-    """Client ``partition_id``'s training data and evaluation data, cached per process."""
+@functools.lru_cache(maxsize=4096)
+def _client_indices(cfg: ClientConfig, partition_id: int, num_clients: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of client ``partition_id``'s training samples and of its evaluation samples (into the
+    training set for ``client-eval "holdout"``, else into the test set), cached per process.
+
+    Only indices are cached (8 bytes a sample, at most the dataset's size over all partitions), not
+    the gathered images: a worker serving hundreds of sampled clients would otherwise keep a second
+    copy of every partition it has seen (``client_data`` gathers them again, a copy of the
+    partition's images, each call)."""
     parts = client_partitions(cfg.dataset, cfg.data_dir, cfg.max_train_samples, cfg.partition, cfg.alpha,
                               num_clients, cfg.seed)
     idx = parts[partition_id]
@@ -129,14 +188,19 @@ def client_data(cfg: ClientConfig, partition_id: int, num_clients: int) -> Clien
     g = torch.Generator().manual_seed(cfg.seed * 7919 + partition_id)
     order = idx[torch.randperm(len(idx), generator=g)]
     hold, keep = order[:n_hold].sort().values, order[n_hold:].sort().values
-    train_set = load_dataset(cfg.dataset, data_dir=_data_dir(cfg.data_dir), train=True)
     if cfg.client_eval == "holdout":
-        eval_images, eval_labels = train_set.images[hold], train_set.labels[hold]
-    else:
-        test_set = load_dataset(cfg.dataset, data_dir=_data_dir(cfg.data_dir), train=False)
-        share = client_test_shares(cfg.dataset, cfg.data_dir, cfg.max_test_samples, num_clients, cfg.seed)[partition_id]
-        eval_images, eval_labels = test_set.images[share], test_set.labels[share]
-    return ClientData(train_set.images[keep], train_set.labels[keep], eval_images, eval_labels)
+        return keep, hold
+    return keep, client_test_shares(cfg.dataset, cfg.data_dir, cfg.max_test_samples, num_clients, cfg.seed)[partition_id]
+
+
+def client_data(cfg: ClientConfig, partition_id: int, num_clients: int) -> ClientData:
+    """Client ``partition_id``'s training data and evaluation data (its indices are cached per process)."""
+    keep, eval_idx = _client_indices(cfg, partition_id, num_clients)
+    train_set = load_dataset(cfg.dataset, data_dir=_data_dir(cfg.data_dir), train=True)
+    eval_set = train_set if cfg.client_eval == "holdout" else load_dataset(
+        cfg.dataset, data_dir=_data_dir(cfg.data_dir), train=False)
+    return ClientData(train_set.images[keep], train_set.labels[keep], eval_set.images[eval_idx],
+                      eval_set.labels[eval_idx])
 
 
 def server_test_set(cfg: ClientConfig) -> tuple[torch.Tensor, torch.Tensor]:

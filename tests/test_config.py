@@ -26,6 +26,8 @@ NO_FLAG = {
     "model-kwargs": "built from --widths / --width",
     "threads": "derived from --cpus-per-client",
     "round-timeout": "no flag; flwr run --run-config sets it",
+    "node-wait": "deployment setting (how long to wait for SuperNodes); flwr run --run-config sets it",
+    "min-clients": "deployment setting; flwr run --run-config sets it",
 }
 #: run.py flags that are no configuration key.
 CLI_ONLY = {"widths", "width", "verbose"}
