@@ -24,3 +24,24 @@ def trained_mlp(mnist_subset):
     model = MLP(widths=(64, 128, 64))
     train(model, images, labels, epochs=1, batch_size=64, lr=0.05, seed=0, device="cpu")
     return model
+
+
+@pytest.fixture
+def run_error(capsys):
+    """``run_error(argv)``: run ``simulations/run.py`` with ``argv``, check it fails with one line and exit
+    status 2 (argparse's usage error, no traceback), and return that line."""
+    import sys
+    from pathlib import Path
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path:  # `simulations` is not installed: import it from the repository root
+        sys.path.insert(0, root)
+    from simulations import run
+
+    def fails(argv) -> str:
+        with pytest.raises(SystemExit) as info:
+            run.main(argv)
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("python simulations/run.py: error: "), err
+        return err
+    return fails

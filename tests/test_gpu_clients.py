@@ -34,26 +34,17 @@ from simulations.config import ClientConfig  # noqa: E402
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a usable CUDA GPU")
 
 
-def _one_line_error(argv, capsys) -> str:
-    with pytest.raises(SystemExit) as info:
-        run.main(argv)
-    assert info.value.code == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("python simulations/run.py: error: "), err
-    return err
-
-
 # ------------------------------------------------------------------------- fast tests
 
 
 @no_cuda
-def test_gpus_with_none_present_or_declared_is_a_one_line_error(capsys):
-    err = _one_line_error(["--gpus-per-client", "0.5"], capsys)
+def test_gpus_with_none_present_or_declared_is_a_one_line_error(run_error):
+    err = run_error(["--gpus-per-client", "0.5"])
     assert "--gpus-per-client 0.5 but no GPU is available" in err and "--ray-num-gpus" in err
 
 
-def test_more_gpus_per_client_than_a_node_has_is_a_one_line_error(capsys):
-    err = _one_line_error(["--gpus-per-client", "3", "--ray-num-gpus", "2"], capsys)
+def test_more_gpus_per_client_than_a_node_has_is_a_one_line_error(run_error):
+    err = run_error(["--gpus-per-client", "3", "--ray-num-gpus", "2"])
     assert "--gpus-per-client 3 exceeds the GPUs" in err
 
 
