@@ -262,7 +262,7 @@ def make_config(parser: argparse.ArgumentParser, args: argparse.Namespace,
     """Validate everything that can be checked before Ray starts; ``parser.error`` (exit 2) otherwise."""
     import torch
 
-    from fedmerge.data import load_dataset
+    from fedmerge.data import clear_cache, load_dataset
     from simulations.config import ClientConfig
     from simulations.task import build_global_model, client_partitions
 
@@ -325,6 +325,8 @@ def make_config(parser: argparse.ArgumentParser, args: argparse.Namespace,
                             args.clients, cfg.seed)
     except (OSError, ValueError, RuntimeError) as exc:
         parser.error(_one_line(exc))
+    finally:  # the server process needs neither copy from here on: do not keep the training set in it
+        clear_cache()
     smallest = min(len(p) for p in parts)
     if args.holdout_fraction > 0 and smallest < 2:
         parser.error(f"a client gets only {smallest} training sample(s): nothing left after the hold-out; "
