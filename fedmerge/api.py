@@ -139,12 +139,18 @@ def match(state_dicts: Sequence[StateDict], spec: SymmetrySpec | None = None,
     name, aligner = _stage("identity" if method is None else method, ALIGNERS, "method")
     spec = _resolve_spec(spec, model)
     check_state_dicts(state_dicts, spec)
-    state_dicts = _on_one_device(state_dicts)
+    return _align(_on_one_device(state_dicts), spec, name, aligner, user=callable(method), callback=callback,
+                  progress=progress, options=options)
+
+
+def _align(state_dicts: list[dict[str, torch.Tensor]], spec: SymmetrySpec, name: str, aligner: Callable, *,
+           user: bool, callback: Callback | None, progress: bool, options: Mapping[str, Any]) -> MatchResult:
+    """The alignment stage on validated models, all on one device (what :func:`match` returns)."""
     n = len(state_dicts)
     bar = ProgressBar() if progress else None
     start = time.perf_counter()
     try:
-        if n == 1 and aligner is not identity_matching and not callable(method):
+        if n == 1 and aligner is not identity_matching and not user:
             # one model is its own common space; a matcher's options stay valid (a federated
             # round may well leave a single client)
             out = identity_matching(state_dicts, spec)
@@ -223,7 +229,10 @@ def merge(state_dicts: Sequence[StateDict], *, align: str | Callable | None = "c
     dict[str, Tensor] or (dict[str, Tensor], MatchResult)
         The merged state_dict, in the common space, with the first model's dtypes and device.
     """
-    check_state_dicts(state_dicts)
+    if align is not None:
+        align_name, aligner = _stage(align, ALIGNERS, "method")
+        spec = _resolve_spec(spec, model)
+    check_state_dicts(state_dicts, spec if align is not None else None)  # once, for every stage
     w = normalize_weights(weights, len(state_dicts))
     if options and align_options:
         raise TypeError("give the aligner's options either as align_options= or as keyword arguments, not both")
@@ -246,9 +255,9 @@ def merge(state_dicts: Sequence[StateDict], *, align: str | Callable | None = "c
                              cycle_error=0.0, seconds=0.0)
         aligned = list(state_dicts)
     else:
-        spec = _resolve_spec(spec, model)
-        result = match(state_dicts, spec, align, callback=callback, progress=progress, **align_options)
         state_dicts = _on_one_device(state_dicts)
+        result = _align(state_dicts, spec, align_name, aligner, user=callable(align), callback=callback,
+                        progress=progress, options=align_options)
         aligned = [apply_transform(sd, spec, t, check=False) for sd, t in zip(state_dicts, result.transforms)]
     stage_seconds["align"] = time.perf_counter() - start
 

@@ -84,6 +84,12 @@ class Group(Protocol):
     def matrix(self, g: Any) -> torch.Tensor:
         """The element's ``(d, d)`` matrix form ``M`` (acting is ``Mᵀ x``)."""
 
+    def score(self, score: torch.Tensor, g: Any) -> float:
+        """``<score, M(g)>`` without forming ``M(g)`` where the kind allows (what a best response maximises)."""
+
+    def equal(self, a: Any, b: Any) -> bool:
+        """Whether two elements are the same, exactly."""
+
     def validate(self, g: Any, d: int, name: str) -> None:
         """Raise ``ValueError`` (starting with ``name``) unless ``g`` is an element of this group of size ``d``."""
 
@@ -160,6 +166,12 @@ class Permutation:
         m[g, torch.arange(d, device=g.device)] = 1.0
         return m
 
+    def score(self, score, g):
+        return float(score[g.to(score.device), torch.arange(score.shape[1], device=score.device)].sum())
+
+    def equal(self, a, b):
+        return bool(torch.equal(a, b.to(a.device)))
+
     def validate(self, g, d, name):
         _check_index(g, d, name)
 
@@ -208,6 +220,14 @@ class SignedPermutationGroup:
         m = torch.zeros(d, d, device=g.index.device)
         m[g.index, torch.arange(d, device=g.index.device)] = g.signs.float()
         return m
+
+    def score(self, score, g):
+        cols = torch.arange(score.shape[1], device=score.device)
+        return float((score[g.index.to(score.device), cols] * g.signs.to(score)).sum())
+
+    def equal(self, a, b):
+        return bool(torch.equal(a.index, b.index.to(a.index.device))
+                    and torch.equal(a.signs, b.signs.to(a.signs.device)))
 
     def validate(self, g, d, name):
         if not isinstance(g, SignedPermutation):
@@ -260,6 +280,12 @@ class Orthogonal:
 
     def matrix(self, g):
         return g
+
+    def score(self, score, g):
+        return float((score * g.to(score)).sum())
+
+    def equal(self, a, b):
+        return bool(torch.equal(a, b.to(a.device)))
 
     def validate(self, g, d, name):
         if not isinstance(g, torch.Tensor) or not g.is_floating_point():

@@ -45,6 +45,9 @@ def test_compose_inverse_identity_agree_with_matrices(kind):
     assert torch.allclose(g.act(g.act(t, 0, a), 0, b), g.act(t, 0, g.compose(a, b)), atol=1e-5)
     assert torch.allclose(g.act(g.act(t, 0, a), 0, g.inverse(a)), t, atol=1e-5)
     assert g.defect(g.identity(6)) == pytest.approx(0.0, abs=1e-9)
+    score = torch.randn(6, 6, generator=_gen(6), dtype=torch.float64)
+    assert g.score(score, a) == pytest.approx(float((score * ma).sum()), abs=1e-6)
+    assert g.equal(a, a) and not g.equal(a, b)
     assert g.defect(a) > 0.5  # a random element of size 6 is not the identity (seeded)
 
 

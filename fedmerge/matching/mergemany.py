@@ -26,7 +26,7 @@ __all__ = ["mergemany_matching"]
 
 
 def _same(a: Any, b: Any) -> bool:
-    return bool(torch.equal(group_of_element(a).matrix(a), group_of_element(b).matrix(b)))
+    return group_of_element(a).equal(a, b)
 
 
 def mergemany_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec: SymmetrySpec, *,

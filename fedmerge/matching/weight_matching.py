@@ -68,8 +68,7 @@ def weight_matching(target: Mapping[str, torch.Tensor], source: Mapping[str, tor
                 mt, _ = matricize(target[key].float().unsqueeze(0), a, d)
                 score += (ms[0] @ mt[0].T).double()
             new = kind.best_response(score)
-            old_value = float((score * kind.matrix(perm[g]).double()).sum())
-            new_value = float((score * kind.matrix(new).double()).sum())
+            old_value, new_value = kind.score(score, perm[g]), kind.score(score, new)
             if new_value > old_value + _IMPROVEMENT[kind.kind] * max(1.0, abs(old_value)):
                 perm[g] = new
                 improved = True
