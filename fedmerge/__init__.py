@@ -12,6 +12,9 @@ from .api import ALIGNERS, AVERAGERS, METHODS, REPAIRERS, match, merge
 from .averaging import interpolate, weighted_average
 from .diagnostics import cycle_error, matching_objective, pairwise_cycle_error, pairwise_map
 from .matching import MatchResult
+from .matching.orthogonal import orthogonal_matching, relaxed_spec
+from . import alignment_metrics  # noqa: F401  (E_res, sign change, CKA, barriers: fedmerge.alignment_metrics.*)
+from .spherical import karcher_mean, slerp, spherical_average
 from . import permutation  # noqa: F401  (fedmerge.permutation.* stays reachable as before)
 from .progress import ProgressBar
 from .spec import PermutationSpec, SymmetrySpec
@@ -29,6 +32,7 @@ __all__ = [
     "interpolate", "invert_permutation", "invert_transform", "match", "matching_objective", "merge",
     "pairwise_cycle_error", "pairwise_map", "random_permutation", "random_transform", "spec_for",
     "spec_from_module", "weighted_average",
+    "alignment_metrics", "karcher_mean", "orthogonal_matching", "relaxed_spec", "slerp", "spherical_average",
 ]
 
 

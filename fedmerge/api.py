@@ -27,7 +27,10 @@ import torch
 from .averaging import weighted_average
 from .diagnostics import cycle_error, matching_objective
 from .matching import MatchResult, c2m3_matching, git_rebasin_matching, mergemany_matching
+from .matching.orthogonal import orthogonal_matching
+from .spherical import spherical_average
 from .progress import Callback, ProgressBar, chain
+from .repair import repair as repair_stage, reset as reset_stage
 from .spec import SymmetrySpec
 from .transforms import apply_transform, check_transform, identity_transform
 from .validation import check_like, check_state_dicts, normalize_weights
@@ -56,13 +59,15 @@ ALIGNERS: dict[str, Callable[..., Any]] = {
     "git-rebasin": git_rebasin_matching,
     "mergemany": mergemany_matching,
     "c2m3": c2m3_matching,
+    "orthogonal": orthogonal_matching,
 }
 
 #: Averagers by name (``average=`` of :func:`merge`).
-AVERAGERS: dict[str, Callable[..., Any]] = {"mean": mean_average}
+AVERAGERS: dict[str, Callable[..., Any]] = {"mean": mean_average, "spherical": spherical_average}
 
-#: Repair stages by name (``repair=`` of :func:`merge`); none is registered yet, a callable works.
-REPAIRERS: dict[str, Callable[..., Any]] = {}
+#: Repair stages by name (``repair=`` of :func:`merge`; :mod:`fedmerge.repair`).  Both need
+#: ``model=`` and calibration ``inputs`` (``repair_options={"inputs": ...}``, or ``repair=<inputs>``).
+REPAIRERS: dict[str, Callable[..., Any]] = {"repair": repair_stage, "reset": reset_stage}
 
 #: The names :func:`match` accepts (``None`` in :func:`merge` = plain mean, no alignment).
 METHODS = tuple(ALIGNERS)
@@ -119,11 +124,14 @@ def match(state_dicts: Sequence[StateDict], spec: SymmetrySpec | None = None,
         Their symmetry; derived from ``model`` when omitted.
     method:
         A name from :data:`ALIGNERS` or a callable ``method(state_dicts, spec, *, callback,
-        **options)`` (see the module docstring).  Names: ``"c2m3"`` (default; cycle-consistent
-        Frank-Wolfe, options ``max_iter=200``, ``tol=1e-6``, ``patience=5``, ``factorize``,
-        ``refine``, ``seed``), ``"mergemany"`` (``max_iter=100`` sweeps, ``inner_max_iter``,
-        ``seed``), ``"git-rebasin"`` (every model to ``reference=0``; ``max_iter``, ``seed``) or
-        ``"identity"``.
+        **options)`` (see the module docstring).  Names: ``"c2m3"`` (default; cycle-consistent:
+        permuted copies certified by a sequential match, otherwise Frank-Wolfe then refinement to
+        a fixed point; options ``max_iter=200``, ``tol=1e-6``, ``patience=5``, ``factorize``,
+        ``init="auto"``, ``refine=True``, ``paper=False`` (``True``: the paper's algorithm alone),
+        ``seed``), ``"mergemany"`` (``max_iter=100`` sweeps, ``inner_max_iter``,
+        ``seed``), ``"git-rebasin"`` (every model to ``reference=0``; ``max_iter``, ``seed``),
+        ``"orthogonal"`` (generalised Procrustes; ``relax``, ``project``, ``inputs``, ``model``,
+        ``solver``, :mod:`fedmerge.matching.orthogonal`) or ``"identity"``.
     progress:
         Show a tqdm bar per phase (:class:`fedmerge.progress.ProgressBar`).
     callback:
@@ -204,13 +212,18 @@ def merge(state_dicts: Sequence[StateDict], *, align: str | Callable | None = "c
     ----------
     align:
         ``None`` (no alignment: the plain mean, FedAvg's aggregation), a name from
-        :data:`ALIGNERS` (``"c2m3"``, ``"mergemany"``, ``"git-rebasin"``, ``"identity"``) or a
+        :data:`ALIGNERS` (``"c2m3"``, ``"mergemany"``, ``"git-rebasin"``, ``"orthogonal"``, ``"identity"``) or a
         callable (see :func:`match`).
     average:
-        ``"mean"`` (the weighted mean) or a callable ``average(aligned, weights, **average_options)``.
+        ``"mean"`` (the weighted mean), ``"spherical"`` (SLERP / weighted Karcher mean, norms restored;
+        :func:`fedmerge.spherical.spherical_average`) or a callable ``average(aligned, weights, **average_options)``.
     repair:
-        ``None`` or a callable ``repair(merged, aligned, weights, *, spec, model, **repair_options)``
-        run on the averaged state_dict.
+        ``None``; calibration inputs (a tensor or an iterable of batches such as a ``DataLoader``:
+        REPAIR on them, the same as ``repair="repair", repair_options={"inputs": ...}``); a name from
+        :data:`REPAIRERS` (``"repair"``: REPAIR, options ``inputs``, ``target``, ``passes``,
+        ``modules``, ``reset``, ``eps`` of :func:`fedmerge.repair.repair`; ``"reset"``: RESET of
+        BatchNorm statistics); or a callable ``repair(merged, aligned, weights, *, spec, model,
+        **repair_options)`` run on the averaged state_dict.
     weights:
         Per-model weights (e.g. client sample counts), normalised to sum to one; uniform if None.
     spec, model:
@@ -240,6 +253,10 @@ def merge(state_dicts: Sequence[StateDict], *, align: str | Callable | None = "c
     average_options = _options(average_options, "average_options")
     repair_options = _options(repair_options, "repair_options")
     average_name, averager = _stage(average, AVERAGERS, "average")
+    if repair is not None and not callable(repair) and not isinstance(repair, str):
+        if "inputs" in repair_options:
+            raise TypeError("calibration inputs given twice: as repair= and as repair_options['inputs']")
+        repair, repair_options = "repair", {**repair_options, "inputs": repair}
     repair_name, repairer = (None, None) if repair is None else _stage(repair, REPAIRERS, "repair")
     if repair is None and repair_options:
         raise TypeError(f"repair_options given without a repair stage: {sorted(repair_options)}")

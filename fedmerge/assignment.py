@@ -7,6 +7,7 @@ so they run on a small thread pool (scipy releases the GIL while solving).
 from __future__ import annotations
 
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Mapping
 
@@ -15,6 +16,17 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 _POOL: ThreadPoolExecutor | None = None
+
+#: Running totals for benchmarks: LAPs solved (``calls``) and wall seconds spent in the solver
+#: functions (``seconds``, including the copy to NumPy); :func:`reset_stats` zeroes them.
+STATS = {"calls": 0, "seconds": 0.0}
+
+
+def reset_stats() -> dict:
+    """Zero :data:`STATS` and return the totals it held."""
+    old = dict(STATS)
+    STATS.update(calls=0, seconds=0.0)
+    return old
 
 
 def _pool() -> ThreadPoolExecutor:
@@ -41,7 +53,11 @@ def solve_lap(score: torch.Tensor) -> torch.Tensor:
     ``score[k, i]`` rates sending model unit ``k`` to common-space unit ``i``; the result uses
     fedmerge's convention (``perm[i]`` = model unit that becomes unit ``i``).
     """
-    return torch.from_numpy(_solve(score.detach().double().cpu().numpy())).to(score.device)
+    start = time.perf_counter()
+    perm = torch.from_numpy(_solve(score.detach().double().cpu().numpy())).to(score.device)
+    STATS["calls"] += 1
+    STATS["seconds"] += time.perf_counter() - start
+    return perm
 
 
 def solve_lap_groups(scores: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -51,6 +67,7 @@ def solve_lap_groups(scores: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
     the threads do not wait for one another at the end of each group (one Frank-Wolfe iteration
     solves one LAP per model and group, of as many sizes as there are groups).
     """
+    start = time.perf_counter()
     arrays = {g: s.detach().double().cpu().numpy() for g, s in scores.items()}
     jobs = sorted(((g, i) for g, a in arrays.items() for i in range(len(a))), key=lambda j: -arrays[j[0]].shape[1])
     if len(jobs) == 1:
@@ -60,4 +77,6 @@ def solve_lap_groups(scores: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
     out = {g: np.empty((len(a), a.shape[1]), dtype=np.int64) for g, a in arrays.items()}
     for (g, i), perm in zip(jobs, solved):
         out[g][i] = perm
+    STATS["calls"] += len(jobs)
+    STATS["seconds"] += time.perf_counter() - start
     return {g: torch.from_numpy(o).to(scores[g].device) for g, o in out.items()}

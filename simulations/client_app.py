@@ -36,12 +36,14 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedmerge.training import evaluate, train
+from strategies import federated_repair
 
 from .config import ClientConfig
 from .messages import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, PARTITION_KEY
 from .task import assigned_gpus, build_global_model, client_data, device_of, independent_init_seed, train_seed
 
-__all__ = ["TRACE_ENV", "app", "evaluate_handler", "node_partition", "partition_handler", "train_handler"]
+__all__ = ["TRACE_ENV", "app", "evaluate_handler", "node_partition", "partition_handler", "repair_handler",
+           "train_handler"]
 
 def node_partition(context: Context) -> tuple[int, int]:
     """``(partition-id, num-partitions)`` of this node's node config, checked.
@@ -140,6 +142,9 @@ def train_handler(msg: Message, context: Context) -> Message:
         PARTITION_KEY: pid,  # lets the server order replies (and know who sent what)
     })
     content = RecordDict({ARRAYS_KEY: ArrayRecord(model.state_dict()), METRICS_KEY: metrics})
+    if cfg.repair == "federated":  # per-unit sums of this model on this client's data, for REPAIR
+        content[federated_repair.STATS_KEY] = federated_repair.client_statistics(model, data.train_images,
+                                                                                 device=device)
     return Message(content=content, reply_to=msg)
 
 
@@ -159,6 +164,25 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
         PARTITION_KEY: pid,
     })
     return Message(content=RecordDict({METRICS_KEY: metrics}), reply_to=msg)
+
+
+@app.query("repair")
+def repair_handler(msg: Message, context: Context) -> Message:
+    """Federated REPAIR's second half: per-unit sums of the merged model on this client's training data.
+
+    The query carries the merged (not yet repaired) model and the REPAIR targets; the sums are
+    taken in one pass with the correction active (:func:`strategies.federated_repair.client_statistics`).
+    Only these sums leave the client.
+    """
+    cfg, pid, num_clients, server_round = _read(msg, context)
+    model = _load_model(msg, cfg)
+    targets = federated_repair.decode_targets(msg.content.array_records.get(federated_repair.TARGETS_KEY))
+    data = client_data(cfg, pid, num_clients)
+    device = device_of(cfg)
+    with _traced("repair", pid, server_round, device):
+        record = federated_repair.client_statistics(model, data.train_images, targets=targets, device=device)
+    metrics = MetricRecord({"num-examples": int(data.train_images.shape[0]), PARTITION_KEY: pid})
+    return Message(content=RecordDict({federated_repair.STATS_KEY: record, METRICS_KEY: metrics}), reply_to=msg)
 
 
 @app.query("partition")

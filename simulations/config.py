@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from flwr.app import ConfigRecord
 
+from strategies.federated_repair import REPAIR_MODES
+
 if TYPE_CHECKING:
     from flwr.app import Context
 
@@ -71,6 +73,10 @@ CLIENT_DEFAULTS: dict[str, Any] = {
     # Torch threads per client process (0 = leave torch's default, one per core).  1 matches the
     # default of one Ray CPU per client; run.py sets it to its --cpus-per-client.
     "threads": 1,
+    # REPAIR of the merged model (strategies.federated_repair): "federated" makes every client send
+    # per-unit activation sums with its update and answer the repair query; "server" repairs on
+    # repair-samples training samples held by the server; "none" does neither.
+    "repair": "none",
 }
 
 #: Keys only the ServerApp reads, and their defaults.
@@ -88,6 +94,8 @@ SERVER_DEFAULTS: dict[str, Any] = {
     # min-clients); then the run goes on with the nodes connected, or stops if fewer than min-clients.
     "node-wait": 60.0,
     "min-clients": 2,             # fewest connected nodes to run with (capped at num-clients)
+    "average": "mean",            # fedmerge.merge's averaging stage: "mean" or "spherical" (SLERP / Karcher)
+    "repair-samples": 1000,       # repair "server": calibration samples drawn (seeded) from the training set
 }
 
 #: Every key of the run configuration (``[tool.flwr.app.config]`` holds exactly these).
@@ -152,6 +160,7 @@ class ClientConfig:
     client_eval: str
     device: str
     threads: int
+    repair: str
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "ClientConfig":
@@ -176,6 +185,8 @@ class ClientConfig:
             raise ValueError(f"unknown init mode {self.init!r}; choose one of {', '.join(INIT_MODES)}")
         if self.client_eval not in CLIENT_EVAL_MODES:
             raise ValueError(f"unknown client-eval {self.client_eval!r}; choose one of {', '.join(CLIENT_EVAL_MODES)}")
+        if self.repair not in REPAIR_MODES:
+            raise ValueError(f"unknown repair {self.repair!r}; choose one of {', '.join(REPAIR_MODES)}")
         if not 0.0 <= self.holdout_fraction < 1.0:
             raise ValueError(f"holdout-fraction must lie in [0, 1), got {self.holdout_fraction}")
         if self.client_eval == "holdout" and self.holdout_fraction == 0.0:

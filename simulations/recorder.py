@@ -44,8 +44,11 @@ def left_out_of(strategy: Strategy, phase: str, server_round: int, replies: list
     """Who was left out of ``phase`` this round: as the fedmerge strategy judged it, or, for
     Flower's FedAvg (which skips error replies and raises on malformed ones), the error replies."""
     if isinstance(strategy, MergingStrategy):
-        record = strategy.left_out if phase == "train" else strategy.left_out_evaluate
+        record = {"train": strategy.left_out, "evaluate": strategy.left_out_evaluate,
+                  "repair": strategy.left_out_repair}[phase]
         return record.get(server_round, [])
+    if phase == "repair":
+        return []
     return [LeftOut(int(m.metadata.src_node_id), error_reason(m)) for m in replies if m.has_error()]
 
 
@@ -147,6 +150,8 @@ class RunRecorder:
             arrays, metrics = aggregate_train(server_round, replies)
             rec["aggregation_seconds"] = time.perf_counter() - t0
             self._record_failures(server_round, "train", left_out_of(strategy, "train", server_round, replies))
+            if getattr(strategy, "repair", "none") == "federated":  # statistics left out of REPAIR
+                self._record_failures(server_round, "repair", left_out_of(strategy, "repair", server_round, replies))
             metrics = self._without_partition_id(metrics)
             for key, value in (metrics or {}).items():
                 rec[key] = value  # a strategy's own aggregation_seconds (measured inside) wins

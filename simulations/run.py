@@ -45,12 +45,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `simulations` is not installed; Ray workers inherit this via PYTHONPATH
     sys.path.insert(0, str(ROOT))
 
+from fedmerge import AVERAGERS  # noqa: E402
 from fedmerge.data import DATASETS  # noqa: E402
 from fedmerge.models import MODELS  # noqa: E402
 from fedmerge.partition import PARTITIONS  # noqa: E402
 from simulations.config import (CLIENT_EVAL_MODES, CONFIG_ENV, DEFAULTS, INIT_MODES,  # noqa: E402
                                 RESOURCE_DEFAULTS, default_out)
 from strategies import STRATEGIES  # noqa: E402
+from strategies.federated_repair import REPAIR_MODES  # noqa: E402
 
 __all__ = ["backend_config", "build_parser", "clients_that_fit", "failure_summary", "format_table", "main"]
 
@@ -222,6 +224,15 @@ def build_parser() -> argparse.ArgumentParser:
     adv.add_argument("--max-iter", type=_non_negative_int, default=d["max-iter"],
                      help="matching iterations per round: C2M3 Frank-Wolfe iterations, MergeMany sweeps, "
                           "Git Re-Basin passes (0: the strategy's default)")
+    p.add_argument("--average", choices=sorted(AVERAGERS), default=d["average"],
+                   help="how the aligned models are averaged: the weighted mean, or spherical (SLERP for two "
+                        "models, the weighted Karcher mean for more, norms restored)")
+    p.add_argument("--repair", choices=REPAIR_MODES, default=d["repair"],
+                   help="REPAIR of the merged model each round: from per-unit statistics the clients send "
+                        "(federated; one extra round trip), on --repair-samples training samples held by the "
+                        "server (server), or not (none)")
+    adv.add_argument("--repair-samples", type=_positive_int, default=d["repair-samples"],
+                     help="--repair server: calibration samples drawn from the training set")
     adv.add_argument("--stop-on-failure", action=argparse.BooleanOptionalAction, default=d["stop-on-failure"],
                      help="stop the run at the first failed or malformed client reply (otherwise: leave the "
                           "client out of that round and record why in results.json)")
@@ -267,7 +278,7 @@ def make_config(parser: argparse.ArgumentParser, args: argparse.Namespace,
     from simulations.task import build_global_model, client_partitions
 
     if args.max_iter and args.strategy == "fedavg":
-        parser.error("--max-iter sets the matching of git-rebasin, mergemany and c2m3; fedavg does no matching")
+        parser.error("--max-iter sets the matching of git-rebasin, mergemany, c2m3 and orthogonal; fedavg does no matching")
     if args.ray_address and (args.ray_num_cpus or args.ray_num_gpus):
         parser.error("--ray-num-cpus/--ray-num-gpus declare the resources of a private Ray instance; with "
                      "--ray-address each node declares its own (`ray start --num-cpus N --num-gpus N`)")
@@ -307,6 +318,9 @@ def make_config(parser: argparse.ArgumentParser, args: argparse.Namespace,
         "ray-num-gpus": args.ray_num_gpus,
         "stop-on-failure": args.stop_on_failure,
         "max-iter": args.max_iter,
+        "average": args.average,
+        "repair": args.repair,
+        "repair-samples": args.repair_samples,
         "progress": args.progress,
         "command": "python simulations/run.py " + shlex.join(list(sys.argv[1:] if argv is None else argv)),
     }

@@ -18,6 +18,7 @@ from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any, Mapping
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
@@ -30,7 +31,7 @@ from .grids import NodeWaitGrid, PartitionOrderedGrid, ReplyProgressGrid, ask_pa
 from .recorder import RunRecorder
 from .task import build_global_model
 
-__all__ = ["STRATEGIES", "app", "fedavg_kwargs", "make_strategy", "min_nodes", "resolve_out"]
+__all__ = ["STRATEGIES", "app", "fedavg_kwargs", "make_strategy", "min_nodes", "resolve_out", "server_calibration"]
 
 
 def fedavg_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -57,20 +58,47 @@ def min_nodes(config: Mapping[str, Any]) -> int:
 
 
 def make_strategy(config: Mapping[str, Any]) -> Strategy:
-    """The configured strategy: Flower's FedAvg, or a fedmerge strategy given the model's architecture."""
+    """The configured strategy: Flower's FedAvg, or a fedmerge strategy given the model's architecture.
+
+    ``fedavg`` with ``average`` other than ``"mean"`` or a ``repair`` is :class:`MergingStrategy`
+    without alignment (FedAvg's sampling and rounds, fedmerge's averaging and repair stages).
+    """
     name = config["strategy"]
     try:
         cls = STRATEGIES[name]
     except KeyError:
         raise ValueError(f"unknown strategy {name!r}; choose one of {', '.join(sorted(STRATEGIES))}") from None
     kwargs = fedavg_kwargs(config)
+    average = str(config.get("average", DEFAULTS["average"]))
+    if not issubclass(cls, MergingStrategy) and (average != "mean" or ClientConfig.from_mapping(config).repair != "none"):
+        # FedAvg with fedmerge's averaging or repair stage: the merging strategy without alignment
+        cls = MergingStrategy
     if issubclass(cls, MergingStrategy):
+        kwargs["average"] = average
         cfg = ClientConfig.from_mapping(config)
         kwargs["model"] = build_global_model(cfg)  # zoo models carry their hand-written spec
         kwargs["device"] = cfg.device
         if int(config.get("max-iter", 0)) > 0:
             kwargs["max_iter"] = int(config["max-iter"])
+        kwargs["repair"] = cfg.repair
+        if cfg.repair == "server":
+            kwargs["repair_inputs"] = server_calibration(cfg, int(config["repair-samples"]))
     return cls(**kwargs)
+
+
+def server_calibration(cfg: ClientConfig, samples: int) -> torch.Tensor:
+    """The server's calibration set for ``repair "server"``: ``samples`` training images, drawn with the run seed.
+
+    In a real deployment the server would hold data of its own; the simulation stands it in with
+    a seeded sample of the training set.
+    """
+    from fedmerge.data import load_dataset
+    if samples < 1:
+        raise ValueError(f"repair-samples must be >= 1 for repair 'server', got {samples}")
+    images = load_dataset(cfg.dataset, data_dir=cfg.data_dir or None).images
+    g = torch.Generator().manual_seed(int(cfg.seed))
+    index = torch.randperm(images.shape[0], generator=g)[:samples]
+    return images[index].clone()
 
 
 def resolve_out(config: Mapping[str, Any]) -> Path:

@@ -14,7 +14,11 @@ name              class                        alignment before the weighted mea
 ``git-rebasin``   :class:`GitRebasin`          every client to the first client
 ``mergemany``     :class:`MergeMany`           every client to the mean of the others
 ``c2m3``          :class:`C2M3`                all clients into a cycle-consistent universe
+``orthogonal``    :class:`Orthogonal`          generalised Procrustes into a common space
 ================  ==========================  ===========================================
+
+Every strategy takes ``average=`` (``"mean"`` or ``"spherical"``) and ``repair=`` (``"none"``,
+``"federated"``: :mod:`strategies.federated_repair`, or ``"server"``).
 
 Client replies are judged first (:mod:`strategies.replies`); bad ones are left out, with the
 reason, instead of stopping the run.
@@ -29,10 +33,12 @@ from .c2m3 import C2M3
 from .git_rebasin import GitRebasin
 from .mergemany import MergeMany
 from .merging_strategy import MergingStrategy
+from .orthogonal import Orthogonal
 from .replies import ClientUpdate, LeftOut, split_evaluate_replies, split_train_replies
 
-__all__ = ["C2M3", "ClientUpdate", "FedAvg", "GitRebasin", "LeftOut", "MergeMany", "MergingStrategy",
+__all__ = ["C2M3", "ClientUpdate", "FedAvg", "GitRebasin", "LeftOut", "MergeMany", "MergingStrategy", "Orthogonal",
            "STRATEGIES", "split_evaluate_replies", "split_train_replies"]
 
 #: Strategy name (as on the command line) -> class.
-STRATEGIES = {"fedavg": FedAvg, "git-rebasin": GitRebasin, "mergemany": MergeMany, "c2m3": C2M3}
+STRATEGIES = {"fedavg": FedAvg, "git-rebasin": GitRebasin, "mergemany": MergeMany, "c2m3": C2M3,
+              "orthogonal": Orthogonal}

@@ -30,11 +30,17 @@ class C2M3(MergingStrategy):
         iterations in a row.
     refine:
         Block-coordinate sweeps polishing the Frank-Wolfe permutations (each model's groups
-        re-solved against the sum of the others; ``True``: until a sweep changes nothing;
-        ``0``/``False``: the paper's algorithm alone).  Not in the paper.  The default, one sweep,
-        unsticks Frank-Wolfe where it stalls between symmetric alignments, e.g. on an even number
-        of permuted copies of one model (the test
-        ``test_one_refinement_sweep_recovers_even_numbers_of_permuted_copies``).
+        re-solved against the sum of the others).  Default ``1``: one sweep per round, since a
+        sweep to the fixed point (``True``, the library default) costs tens of sweeps on 20
+        independently trained models (BENCHMARKS.md (a)); the round's ``match_converged`` says
+        whether that sweep changed nothing (a fixed point: no single permutation can be
+        improved).  ``0``/``False`` with ``init="identity"`` is the paper's algorithm alone.  Not
+        in the paper.  Refinement unsticks Frank-Wolfe where it stalls between symmetric
+        alignments (``tests/test_c2m3_default.py``).
+    init:
+        Frank-Wolfe's start, as in :func:`fedmerge.matching.c2m3.c2m3_matching` (default
+        ``"auto"``: permuted copies are recognised and matched exactly, other models start from
+        identity matrices).
     spec, model, device, **fedavg_kwargs:
         As :class:`~strategies.merging_strategy.MergingStrategy`.
     """
@@ -42,6 +48,6 @@ class C2M3(MergingStrategy):
     align = "c2m3"
 
     def __init__(self, *, max_iter: int = 20, tol: float = 1e-6, patience: int = 5, refine: bool | int = 1,
-                 **kwargs: Any) -> None:
+                 init: str = "auto", **kwargs: Any) -> None:
         super().__init__(match_options={"max_iter": max_iter, "tol": tol, "patience": patience,
-                                        "refine": refine}, **kwargs)
+                                        "refine": refine, "init": init}, **kwargs)

@@ -11,6 +11,10 @@ Sampling, message construction, client evaluation and the round loop (``start``)
   round never crashes the run.
 * ``aggregate_evaluate`` leaves out malformed evaluation replies the same way instead of raising.
 
+``repair`` renormalises the merged model's activations before the round ends (REPAIR,
+:mod:`fedmerge.repair`): ``"federated"`` from per-unit sums the clients send, with one extra round
+trip (:mod:`strategies.federated_repair`), ``"server"`` on a calibration set the server holds.
+
 A concrete strategy (one per module) only says which alignment it uses and which options it passes
 to :func:`fedmerge.match`.
 """
@@ -22,16 +26,18 @@ from logging import INFO, WARNING
 from typing import Any, Iterable, Mapping
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
-from fedmerge import merge
+from fedmerge import AVERAGERS, merge
+from fedmerge.repair import find_repair_points, fold_repair
 from fedmerge.spec import PermutationSpec
 from fedmerge.training import resolve_device
 
-from .replies import LeftOut, split_evaluate_replies, split_train_replies
+from . import federated_repair as fr
+from .replies import LeftOut, error_reason, split_evaluate_replies, split_train_replies
 
 __all__ = ["MergingStrategy"]
 
@@ -50,6 +56,18 @@ class MergingStrategy(FedAvg):
         The global model always goes back to the clients from CPU memory.
     match_options:
         Keyword options of :func:`fedmerge.match` for this alignment (e.g. ``max_iter``).
+    average:
+        The averaging stage of ``fedmerge.merge`` (``"mean"``, the default, or ``"spherical"``:
+        SLERP / Karcher mean, :data:`fedmerge.AVERAGERS`).
+    repair:
+        ``"none"`` (default), ``"federated"`` (the clients send per-unit statistics with their
+        updates and answer one repair query per round: their ClientApp must do both, see
+        :mod:`strategies.federated_repair`) or ``"server"`` (REPAIR on ``repair_inputs``, a
+        calibration set held by the server).  Both need ``model``.
+    repair_inputs:
+        The server's calibration inputs for ``repair="server"`` (a tensor or an iterable of batches).
+    repair_options:
+        Options of :func:`fedmerge.repair.repair` for ``repair="server"`` (``target``, ``passes``...).
     **fedavg_kwargs:
         Flower ``FedAvg``'s own arguments (``fraction_train``, ``min_available_nodes``,
         ``weighted_by_key``...).
@@ -61,6 +79,8 @@ class MergingStrategy(FedAvg):
         training (evaluation) reply.
     last_result:
         The :class:`fedmerge.matching.MatchResult` of the last merge (``None`` before any).
+    left_out_repair:
+        ``{server_round: [LeftOut, ...]}``: clients whose statistics were not used, and why.
     """
 
     #: Alignment passed to ``fedmerge.merge`` (``None``: plain weighted mean).
@@ -68,8 +88,19 @@ class MergingStrategy(FedAvg):
 
     def __init__(self, *, spec: PermutationSpec | None = None, model: torch.nn.Module | None = None,
                  device: str | torch.device | None = "auto", match_options: Mapping[str, Any] | None = None,
-                 **fedavg_kwargs: Any) -> None:
+                 average: str = "mean", repair: str = fr.REPAIR_MODES[0], repair_inputs: Any = None,
+                 repair_options: Mapping[str, Any] | None = None, **fedavg_kwargs: Any) -> None:
         super().__init__(**fedavg_kwargs)
+        if average not in AVERAGERS:
+            raise ValueError(f"unknown average {average!r}; choose one of {', '.join(AVERAGERS)}")
+        if repair not in fr.REPAIR_MODES:
+            raise ValueError(f"unknown repair {repair!r}; choose one of {', '.join(fr.REPAIR_MODES)}")
+        if repair != "none" and model is None:
+            raise ValueError(f"repair={repair!r} runs the model's forward pass: pass model=<an nn.Module>")
+        if repair == "server" and repair_inputs is None:
+            raise ValueError("repair='server' needs repair_inputs=<the server's calibration inputs>")
+        if repair != "server" and (repair_inputs is not None or repair_options):
+            raise ValueError("repair_inputs and repair_options are for repair='server'")
         if spec is None and model is not None:
             from fedmerge.tracing import spec_for
             spec = spec_for(model)
@@ -83,13 +114,31 @@ class MergingStrategy(FedAvg):
         self.match_options: dict[str, Any] = dict(match_options or {})
         self.left_out: dict[int, list[LeftOut]] = {}
         self.left_out_evaluate: dict[int, list[LeftOut]] = {}
+        self.left_out_repair: dict[int, list[LeftOut]] = {}
         self.last_result = None
+        self.model = model
+        self.average = average
+        self.repair = repair
+        self.repair_inputs = repair_inputs
+        self.repair_options: dict[str, Any] = dict(repair_options or {})
+        self._repair_points = find_repair_points(model, spec) if repair == "federated" else []
         self._global: ArrayRecord | None = None  # the arrays sent in the current round
+        self._grid: Grid | None = None  # kept for the repair query inside aggregate_train
+        self._train_config: ConfigRecord | None = None
+        self._timeout = 3600.0
 
     def summary(self) -> None:
         super().summary()
         options = ", ".join(f"{k}={v!r}" for k, v in self.match_options.items()) or "defaults"
-        log(INFO, "\t└──> Merging: fedmerge.merge(align=%r) on %s, options: %s", self.align, self.device, options)
+        log(INFO, "\t└──> Merging: fedmerge.merge(align=%r, average=%r) on %s, options: %s, repair: %s",
+            self.align, self.average, self.device, options, self.repair)
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
+              **kwargs: Any):
+        """Flower's ``start``; the round ``timeout`` also bounds the repair query."""
+        self._timeout = float(timeout)
+        return super().start(grid=grid, initial_arrays=initial_arrays, num_rounds=num_rounds, timeout=timeout,
+                             **kwargs)
 
     # -- hooks -------------------------------------------------------------------------------
 
@@ -100,6 +149,7 @@ class MergingStrategy(FedAvg):
             # a spec that does not fit the model is a server bug: say so before anyone trains
             self.spec.check_state_dict(arrays.to_torch_state_dict(), name="the initial global model")
         self._global = arrays
+        self._grid, self._train_config = grid, config
         return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
@@ -108,7 +158,8 @@ class MergingStrategy(FedAvg):
         start = time.perf_counter()
         replies = list(replies)
         reference = self._global.to_torch_state_dict() if self._global is not None else None
-        updates, left_out = split_train_replies(replies, reference, weight_key=self.weighted_by_key)
+        updates, left_out = split_train_replies(replies, reference, weight_key=self.weighted_by_key,
+                                                extra_records=(fr.STATS_KEY,))
         log(INFO, "aggregate_train: %d of %d replies usable", len(updates), len(replies))
         if left_out:
             self.left_out[server_round] = left_out
@@ -119,9 +170,18 @@ class MergingStrategy(FedAvg):
             return None, MetricRecord({"clients_merged": 0, "clients_left_out": len(left_out)})
 
         state_dicts = [{k: v.to(self.device) for k, v in u.state_dict.items()} for u in updates]
-        merged, result = merge(state_dicts, align=self.align, weights=[u.num_examples for u in updates],
-                               spec=self.spec, full_output=True, **self.match_options)
+        server_repair = {"repair": self.repair_inputs, "repair_options": self.repair_options,
+                         "model": self.model} if self.repair == "server" else {}
+        merged, result = merge(state_dicts, align=self.align, average=self.average,
+                               weights=[u.num_examples for u in updates], spec=self.spec, full_output=True,
+                               align_options=self.match_options, **server_repair)
         self.last_result = result
+        repair_metrics: dict[str, Any] = {}
+        if self.repair == "federated":
+            transforms = result.transforms or [{} for _ in updates]  # align=None: the models' own space
+            merged, repair_metrics = self._federated_repair(server_round, updates, merged, transforms)
+        elif self.repair == "server":
+            repair_metrics = {"repair_applied": 1, "repair_seconds": float(result.stage_seconds["repair"])}
         arrays = ArrayRecord({k: v.detach().cpu() for k, v in merged.items()})
 
         metrics = self._client_metrics(server_round, [u.content for u in updates])
@@ -133,8 +193,76 @@ class MergingStrategy(FedAvg):
             metrics["match_converged"] = int(bool(result.converged))
             metrics["match_cycle_error"] = float(result.cycle_error)
             metrics["match_seconds"] = float(result.seconds)
+        for key, value in repair_metrics.items():
+            metrics[key] = value
         metrics["aggregation_seconds"] = time.perf_counter() - start
         return arrays, metrics
+
+    def _leave_out_statistics(self, server_round: int, node_id: int, reason: str) -> None:
+        self.left_out_repair.setdefault(server_round, []).append(LeftOut(node_id, reason))
+        log(WARNING, "round %d: statistics of node %d left out of REPAIR: %s", server_round, node_id, reason)
+
+    def _federated_repair(self, server_round: int, updates: list, merged: dict[str, torch.Tensor],
+                          transforms: list) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Targets from the clients' own statistics, one query for the merged model's, then the fold."""
+        start = time.perf_counter()
+        points = self._repair_points
+        sizes = fr.point_sizes(self.model, points)
+        endpoint, used_transforms, sent = [], [], {}
+        for update, transform in zip(updates, transforms):
+            record = update.content.array_records.get(fr.STATS_KEY)
+            try:
+                endpoint.append(fr.decode_statistics(record, points, sizes))
+            except ValueError as exc:
+                self._leave_out_statistics(server_round, update.node_id, f"update statistics: {exc}")
+                continue
+            used_transforms.append(transform)
+            sent[update.node_id] = fr.record_bytes(record)
+        metrics: dict[str, Any] = {"repair_applied": 0, "repair_clients_targets": len(endpoint),
+                                   "repair_clients_merged": 0}
+        if not endpoint:
+            log(WARNING, "round %d: no client sent usable statistics: the merge is not repaired", server_round)
+            return merged, {**metrics, "repair_stats_bytes": 0, "repair_seconds": time.perf_counter() - start}
+        try:
+            targets = fr.targets_from_clients(endpoint, used_transforms, points, self.spec)
+        except ValueError as exc:  # e.g. rotations that mix units: per-unit sums cannot follow them
+            log(WARNING, "round %d: the merge is not repaired: %s", server_round, exc)
+            return merged, {**metrics, "repair_stats_bytes": int(sum(sent.values())),
+                            "repair_seconds": time.perf_counter() - start}
+        content = {self.arrayrecord_key: ArrayRecord({k: v.detach().cpu() for k, v in merged.items()}),
+                   fr.TARGETS_KEY: fr.encode_targets(targets)}
+        if self._train_config is not None:
+            content[self.configrecord_key] = ConfigRecord(dict(self._train_config))
+        messages = [Message(RecordDict(dict(content)), dst_node_id=node, message_type=fr.REPAIR_QUERY)
+                    for node in sent]
+        replies = list(self._grid.send_and_receive(messages, timeout=self._timeout)) if self._grid else []
+        answered = {int(r.metadata.src_node_id) for r in replies}
+        for node in sorted(set(sent) - answered):
+            self._leave_out_statistics(server_round, node, "no answer to the repair query")
+        merged_stats = []
+        for reply in replies:
+            node = int(reply.metadata.src_node_id)
+            if reply.has_error():
+                self._leave_out_statistics(server_round, node, f"repair query: {error_reason(reply)}")
+                continue
+            record = reply.content.array_records.get(fr.STATS_KEY)
+            try:
+                merged_stats.append(fr.decode_statistics(record, points, sizes))
+            except ValueError as exc:
+                self._leave_out_statistics(server_round, node, f"repair query: {exc}")
+                continue
+            sent[node] += fr.record_bytes(record)
+        metrics["repair_clients_merged"] = len(merged_stats)
+        metrics["repair_stats_bytes"] = int(sum(sent.values()))
+        metrics["repair_stats_bytes_per_client"] = int(max(sent.values()))
+        if not merged_stats:
+            log(WARNING, "round %d: no statistics of the merged model arrived: the merge is not repaired",
+                server_round)
+            return merged, {**metrics, "repair_seconds": time.perf_counter() - start}
+        repaired = fold_repair(merged, points, fr.pool(merged_stats), targets)
+        metrics["repair_applied"] = 1
+        metrics["repair_seconds"] = time.perf_counter() - start
+        return repaired, metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Weighted client evaluation metrics of the well-formed replies (the others are logged)."""

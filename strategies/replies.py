@@ -87,13 +87,16 @@ def split_evaluate_replies(replies: Iterable[Message], *, weight_key: str = "num
 
 
 def split_train_replies(replies: Iterable[Message], reference: Mapping[str, torch.Tensor] | None = None, *,
-                        weight_key: str = "num-examples") -> tuple[list[ClientUpdate], list[LeftOut]]:
+                        weight_key: str = "num-examples", extra_records: Iterable[str] = ()
+                        ) -> tuple[list[ClientUpdate], list[LeftOut]]:
     """Training replies that can be merged, and the clients left out with the reason.
 
     A reply is used when it is not an error, carries exactly one ArrayRecord and one MetricRecord,
     its sample count ``weight_key`` is one positive finite number, and its weights have the
     ``reference``'s keys, shapes and dtype kinds with only finite values.  ``reference`` is the
-    global model the server sent; without one, the first well-formed reply serves.  Each
+    global model the server sent; without one, the first well-formed reply serves.  ArrayRecords
+    named in ``extra_records`` (e.g. REPAIR statistics) are not the model and are judged by whoever
+    reads them.  Each
     ArrayRecord is converted to tensors exactly once (every conversion copies).  Order is kept.
     """
     updates: list[ClientUpdate] = []
@@ -101,7 +104,8 @@ def split_train_replies(replies: Iterable[Message], reference: Mapping[str, torc
     for msg in replies:
         node = int(msg.metadata.src_node_id)
         weight, reason = _judge(msg, weight_key)
-        arrays = [] if reason is not None else list(msg.content.array_records.values())
+        extra = set(extra_records)
+        arrays = [] if reason is not None else [a for k, a in msg.content.array_records.items() if k not in extra]
         if reason is None and len(arrays) != 1:
             reason = f"expected exactly one ArrayRecord, got {len(arrays)}"
         if reason is None:

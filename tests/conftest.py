@@ -45,3 +45,27 @@ def run_error(capsys):
         assert err.count("\n") == 1 and err.startswith("python simulations/run.py: error: "), err
         return err
     return fails
+
+
+def run_simulation_script(script: str, out):
+    """Run ``script`` (Python source that calls ``run_simulation``) in a fresh interpreter, with the
+    repository root and ``out`` as its ``sys.argv[1:]`` and telemetry off; fail the test with its
+    stderr if it fails; returns the ``CompletedProcess``.  One process for several simulations: Python
+    and Flower are imported once."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="1")
+    env.pop("FEDMERGE_SIM_CONFIG", None)
+    proc = subprocess.run([sys.executable, "-c", script, str(root), str(out)], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"simulations failed ({proc.returncode}):\n{proc.stderr[-6000:]}"
+    return proc
+
+
+@pytest.fixture(scope="session")
+def simulate():
+    """:func:`run_simulation_script` as a fixture (test modules must not import each other)."""
+    return run_simulation_script

@@ -124,8 +124,8 @@ def test_unknown_or_broken_stages_raise_clear_errors():
     models = [MLP(widths=(8,)).state_dict() for _ in range(2)]
     with pytest.raises(ValueError, match="unknown average 'median'; choose one of mean"):
         fedmerge.merge(models, model=model, average="median")
-    with pytest.raises(ValueError, match="unknown repair 'repair'; choose one of none is registered"):
-        fedmerge.merge(models, model=model, repair="repair")
+    with pytest.raises(ValueError, match="unknown repair 'fix'; choose one of repair, reset"):
+        fedmerge.merge(models, model=model, repair="fix")
     with pytest.raises(ValueError, match="unknown method 'c3m3'"):
         fedmerge.merge(models, model=model, align="c3m3")
     with pytest.raises(TypeError, match="a name or a callable"):

@@ -156,7 +156,7 @@ def test_bad_input_from_the_command_line():
 
 
 def test_strategy_registry_and_client_config():
-    assert set(STRATEGIES) == {"fedavg", "git-rebasin", "mergemany", "c2m3"}
+    assert set(STRATEGIES) == {"fedavg", "git-rebasin", "mergemany", "c2m3", "orthogonal"}
     base = {"strategy": "fedavg", "num-clients": 10, "fraction": 0.3, "fraction-evaluate": 0.0}
     strategy = make_strategy(base)
     assert type(strategy) is FedAvg and strategy.fraction_train == 0.3  # Flower's own, the baseline

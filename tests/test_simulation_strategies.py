@@ -10,19 +10,14 @@ init) whose ClientApp has a crashing client and a client sending NaN weights.
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
 CLIENTS, ROUNDS = 4, 2
 
 pytestmark = pytest.mark.slow  # every test reads the simulations of the module fixture
-MERGING = ("git-rebasin", "mergemany", "c2m3")
+MERGING = ("git-rebasin", "mergemany", "c2m3", "orthogonal")
 
 _RUNS = """
 import json, os, sys
@@ -59,13 +54,9 @@ except Exception as exc:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, simulate):
     out = tmp_path_factory.mktemp("strategies")
-    env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="1")
-    env.pop("FEDMERGE_SIM_CONFIG", None)
-    proc = subprocess.run([sys.executable, "-c", _RUNS, str(ROOT), str(out)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"simulations failed ({proc.returncode}):\n{proc.stderr[-6000:]}"
+    proc = simulate(_RUNS, out)
     return {name: json.loads((out / name / "results.json").read_text())
             for name in (*MERGING, "faulty", "sampled-a", "sampled-b")}, proc, out
 

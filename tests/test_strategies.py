@@ -12,9 +12,9 @@ from flwr.serverapp.exception import InconsistentMessageReplies
 import fedmerge
 from fedmerge import apply_permutation, compose_permutations, invert_permutation, random_permutation
 from fedmerge.models import MLP
-from strategies import C2M3, STRATEGIES, FedAvg, GitRebasin, MergeMany, MergingStrategy
+from strategies import C2M3, STRATEGIES, FedAvg, GitRebasin, MergeMany, MergingStrategy, Orthogonal
 
-MERGING = [GitRebasin, MergeMany, C2M3]
+MERGING = [GitRebasin, MergeMany, C2M3, Orthogonal]
 
 
 def _metadata(node: int) -> Metadata:
@@ -219,9 +219,9 @@ def test_construction_errors_and_registry():
         C2M3()
     with pytest.raises(TypeError, match="PermutationSpec"):
         MergeMany(spec={"layers.0": 4})
-    assert set(STRATEGIES) == {"fedavg", "git-rebasin", "mergemany", "c2m3"}
+    assert set(STRATEGIES) == {"fedavg", "git-rebasin", "mergemany", "c2m3", "orthogonal"}
     assert all(issubclass(STRATEGIES[name], MergingStrategy) and STRATEGIES[name].align == name
-               for name in ("git-rebasin", "mergemany", "c2m3"))
+               for name in ("git-rebasin", "mergemany", "c2m3", "orthogonal"))
 
 
 class _Grid:
@@ -247,7 +247,7 @@ def test_match_and_fedavg_options_reach_what_they_configure(trained_mlp, monkeyp
     spec = trained_mlp.permutation_spec()
     base = trained_mlp.state_dict()
     copies, _ = _permuted_copies(base, spec, [5, 6])
-    _, metrics = C2M3(model=trained_mlp, device="cpu", max_iter=1, refine=0).aggregate_train(
+    _, metrics = C2M3(model=trained_mlp, device="cpu", max_iter=1, refine=0, init="identity").aggregate_train(
         1, [_reply(n, sd) for n, sd in enumerate(copies)])
     assert metrics["match_iterations"] == 1 and metrics["match_converged"] == 0
 

@@ -24,6 +24,11 @@ Two departures from the authors' implementation, neither changing the iterates:
 
 With ``n = 2`` the paper does not factorise (Eq. 1): the first model's matrices are held at the
 identity and only the second model's are optimised, so the universe is the first model's space.
+
+Around Algorithm 1, not in the paper and on by default (``paper=True`` turns both off): a start
+that recognises permuted copies of one model and certifies them optimal (``init="auto"``), and
+block-coordinate refinement of the rounded permutations to a fixed point (``refine=True``);
+:func:`c2m3_matching` says why the paper's Frank-Wolfe alone stalls on permuted copies.
 """
 
 from __future__ import annotations
@@ -33,16 +38,20 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
-from scipy.optimize import OptimizeResult
 
 from ..assignment import solve_lap_groups
 from ..progress import STOPPED, Callback, report
 from ..spec import SymmetrySpec
-from ..transforms import compose_transforms, invert_transform
-from ._stack import SoftPermutation, Stack, contract_hard, linear_term, pair_objective, unstack_permutations
-from .mergemany import mergemany_matching
+from ._stack import (BlockAscent, SoftPermutation, Stack, contract_hard, linear_term, pair_objective,
+                     unstack_permutations)
 
 __all__ = ["c2m3_matching"]
+
+
+#: Sweeps over a model's groups that ``init="auto"`` spends placing it before it gives up.
+_AUTO_SWEEPS = 5
+#: Relative gap to the Cauchy-Schwarz bound under which a model counts as coinciding with the placed ones.
+_CERTIFICATE_RTOL = 1e-7
 
 
 def _best_step(poly: np.ndarray) -> tuple[float, float]:
@@ -60,35 +69,66 @@ def _best_step(poly: np.ndarray) -> tuple[float, float]:
 
 def c2m3_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec: SymmetrySpec, *,
                   max_iter: int = 200, tol: float = 1e-6, patience: int = 5,
-                  factorize: bool | None = None, refine: bool | int = False, seed: int | None = 0,
-                  callback: Callback | None = None) -> dict:
-    """Match ``n >= 2`` models into a common space with C²M³'s Frank-Wolfe (Algorithm 1).
+                  factorize: bool | None = None, init: str | None = None, refine: bool | int | None = None,
+                  paper: bool = False, seed: int | None = 0, callback: Callback | None = None) -> dict:
+    """Match ``n >= 2`` models into a common space by maximising C²M³'s objective (Eq. 4).
+
+    By default: a sequential match that certifies permuted copies (see ``init``), otherwise C²M³'s
+    Frank-Wolfe (Algorithm 1), then block-coordinate refinement of the rounded permutations to a
+    fixed point.  ``paper=True`` runs the paper's Algorithm 1 alone (Frank-Wolfe
+    from identity matrices, then rounding), for reproduction.
+
+    Why the paper's algorithm alone is not the default: Eq. 4 does not change when every model's
+    matrices are multiplied by one permutation of the universe (``P^p -> P^p R``), so each optimum
+    comes with ``d!`` relabelled copies, and midpoints between them are stationary points of the
+    relaxation.  From identity matrices, every model's first linear-oracle step aligns it to the
+    sum of the others, all models at once: two permuted copies swap orders, and the line search
+    stops half-way, on the midpoint of two labellings.  Frank-Wolfe stalls on such points (the
+    oracle's ties break differently per model), and rounding them mixes labellings; this happens
+    for 2 factorised copies and often for 3, 4, 6 or more.  Refinement re-solves one model at a
+    time against the others' hard permutations, which breaks those ties.
 
     Parameters
     ----------
     max_iter, tol, patience:
-        Stop after ``max_iter`` iterations, or once the objective has improved by less than
-        ``tol`` (relative to its magnitude) for ``patience`` iterations in a row, or as soon as
-        the best step is zero (no ascent left along the Frank-Wolfe direction).  The defaults
-        are those of the authors' implementation (200 iterations, 1e-6, patience 5; theirs is an
+        Frank-Wolfe stops after ``max_iter`` iterations (``0``: none, start and refinement only),
+        or once the objective has improved by less than ``tol`` (relative to its magnitude) for
+        ``patience`` iterations in a row, or as soon as the best step is zero.  The defaults are
+        those of the authors' implementation (200 iterations, 1e-6, patience 5; theirs is an
         absolute tolerance, ours relative so that rescaling the weights does not change when it
         stops).
     factorize:
         ``None`` (default) follows the paper: pairwise objective with the first model fixed for
         ``n == 2``, universe factorisation for ``n >= 3``.  ``True`` factorises for ``n == 2`` too.
+    init:
+        Where Frank-Wolfe starts.  ``"auto"`` (default): first a *sequential match* — model 0 fixes
+        the universe's labelling, models ``1, 2, ...`` in turn are block-coordinate matched (each
+        group re-solved by one LAP against the sum of the models already placed, at most a few
+        passes) and added to that sum.  If every model then coincides with the placed ones in the
+        universe, Eq. 4 equals its Cauchy-Schwarz bound ``sum_{p<q} ||U_p|| ||U_q||`` (norms do not
+        depend on the permutations): a certified global optimum, returned as it is (permuted
+        copies of one model end here).  At the first model that does not, it gives up (having
+        spent a few LAPs on one model) and Frank-Wolfe starts from identity matrices as in the
+        paper.  A certified start still runs one Frank-Wolfe iteration, which finds no ascent
+        direction (step size 0).  ``"identity"``: the paper's start, always.  ``"sequential"``: the full sequential
+        match (each model until a pass changes nothing) as Frank-Wolfe's start; Frank-Wolfe rarely
+        leaves such a vertex, and on independently trained MLPs this ends lower than the
+        identity start; the rounded Frank-Wolfe result replaces the start only if it scores at
+        least as high.  The starts are not in the paper.
     refine:
-        Not in the paper: after rounding, polish the permutations by block-coordinate ascent
-        started from them.  A sweep visits the models in random order (``seed``) and, for each,
-        every permutation group once, re-solving that group's LAP against the sum of the other
-        models with everything else held fixed (MergeMany's update with one pass over the groups
-        instead of a full weight matching).  ``True`` sweeps until one changes nothing (a fixed
-        point: no single permutation can be improved; at most 1000 sweeps), an integer caps the
-        sweeps.  Each step raises the same objective and the maps stay factorised, so cycle
-        consistency is kept.  Where it stops depends on where it starts: BENCHMARKS.md (a)
-        compares it with the paper's full run.
+        After rounding, block-coordinate ascent: sweeps visit the models in random order
+        (``seed``) and, for each, every permutation group once, re-solving that group's LAP
+        against the sum of the other models with everything else held fixed; a new permutation is
+        kept only if it raises the objective.  ``True`` (default) sweeps until one changes
+        nothing — a fixed point: no single permutation can be improved (at most 1000 sweeps); an
+        integer caps the sweeps, ``0``/``False`` turns it off.  Maps stay factorised, so cycle
+        consistency is kept.  Not in the paper.
+    paper:
+        ``True``: the paper's algorithm, i.e. ``init="identity", refine=0``; giving another
+        ``init`` or ``refine`` with it is an error.
     callback:
-        Called after every Frank-Wolfe iteration (phase ``"frank-wolfe"``, with ``objective``
-        and ``step``) and every refinement sweep (phase ``"refinement"``); see
+        Called after every Frank-Wolfe iteration (phase ``"frank-wolfe"``, with ``objective`` and ``step``)
+        and every refinement sweep (phase ``"refinement"``, with ``changed``); see
         :mod:`fedmerge.progress`.
 
     Frank-Wolfe runs over permutation matrices (the Birkhoff polytope), so groups of another
@@ -97,13 +137,33 @@ def c2m3_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec: Symme
 
     Returns a dict with ``transforms`` (one ``{group: index}`` per model, mapping it into the
     common space), ``objective`` (Eq. 4 at the final permutations, each unordered pair once),
-    ``nit``, ``converged``, ``message`` and ``history`` (the relaxed objective after each iteration).
+    ``nit`` (Frank-Wolfe iterations), ``converged`` (with refinement: a sweep changed nothing,
+    i.e. the result is a fixed point; without: Frank-Wolfe's stopping rule was met), ``message``
+    (what each phase did), ``history`` (the relaxed objective after each Frank-Wolfe iteration),
+    ``sweeps`` (refinement sweeps) and ``laps`` (assignment problems solved, all phases).
     """
     n = len(state_dicts)
     if n < 2:
         raise ValueError("C²M³ matching needs at least two models")
-    if max_iter < 1:
-        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+    if paper:
+        if init not in (None, "identity") or refine not in (None, 0, False):
+            raise ValueError("paper=True runs the paper's algorithm (init='identity', no refinement); "
+                             f"do not combine it with init={init!r}, refine={refine!r}")
+        init, refine = "identity", 0
+    init = "auto" if init is None else init
+    refine = True if refine is None else refine
+    if init not in ("auto", "sequential", "identity"):
+        raise ValueError(f"init must be 'auto', 'sequential' or 'identity', got {init!r}")
+    if isinstance(refine, bool):
+        sweeps_cap = 1000 if refine else 0
+    elif isinstance(refine, int) and refine >= 0:
+        sweeps_cap = refine
+    else:
+        raise ValueError(f"refine must be True, False or a number of sweeps >= 0, got {refine!r}")
+    if not isinstance(max_iter, int) or max_iter < 0:
+        raise ValueError(f"max_iter must be >= 0, got {max_iter}")
+    if max_iter == 0 and init == "identity" and sweeps_cap == 0:
+        raise ValueError("max_iter=0 with init='identity' and no refinement does nothing; give max_iter >= 1")
     if not tol >= 0:
         raise ValueError(f"tol must be >= 0, got {tol}")
     if patience < 1:
@@ -118,18 +178,116 @@ def c2m3_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec: Symme
     dev = stack.device
     groups = stack.groups()
     sizes = spec.sizes
+    rng = np.random.default_rng(seed)
     # Models whose matrices are optimised; with the pairwise objective the first stays fixed.
     free = torch.arange(n, device=dev) if factorize else torch.arange(1, n, device=dev)
-
-    soft = {g: torch.eye(sizes[g], device=dev).expand(n, -1, -1).clone() for g in groups}
     eye_idx = {g: torch.arange(sizes[g], device=dev).expand(n, -1) for g in groups}
+    messages, laps, stopped = [], 0, False
 
+    # ---- start
+    start = {g: eye_idx[g].clone() for g in groups}
+    certified = False
+    if init in ("auto", "sequential"):
+        # models 1, 2, ... matched in turn to the sum of those already placed (model 0 fixes the labelling);
+        # "auto" gives up as soon as a model does not coincide with the placed ones (Cauchy-Schwarz bound)
+        placer = BlockAscent(stack, start, active=torch.arange(n) == 0)
+        certified = init == "auto"
+        for p in range(1, n):  # not reported to the callback: its first report is Frank-Wolfe's first iteration
+            placer.match_model(p, [groups[i] for i in rng.permutation(len(groups))],
+                               max_sweeps=_AUTO_SWEEPS if init == "auto" else 100)
+            if init == "auto":
+                share, bound = placer.alignment_with_active(p)
+                if not share >= (1.0 - _CERTIFICATE_RTOL) * bound:
+                    certified = False
+                    break
+            placer.activate(p)
+        laps = placer.laps
+        if init == "sequential" or certified:
+            start = placer.perms
+            messages.append(f"sequential start ({laps} LAPs)")
+    start_objective = pair_objective(stack, start)
+    if certified:
+        messages.append("every model coincides with model 0 in the universe: Eq. 4 equals its Cauchy-Schwarz "
+                        "bound sum_{p<q} ||U_p|| ||U_q||, a global optimum (permuted copies)")
+        max_iter, sweeps_cap = min(max_iter, 1), 0  # one Frank-Wolfe iteration confirms it: step size 0
+    elif init == "auto":
+        messages.append(f"no sequential match ({laps} LAPs): Frank-Wolfe from identity matrices")
+
+    # ---- Frank-Wolfe (Algorithm 1) from the start
+    history: list[float] = []
+    nit, fw_converged = 0, False
+    hard = start
+    if max_iter > 0 and not stopped:
+        soft = {g: torch.zeros(n, sizes[g], sizes[g], device=dev).scatter_(1, start[g].unsqueeze(1), 1.0)
+                for g in groups}
+        nit, fw_converged, fw_message, stopped, history = _frank_wolfe(
+            stack, soft, free, eye_idx, max_iter=max_iter, tol=tol, patience=patience, callback=callback)
+        laps += nit * len(free) * len(groups)
+        # ---- project every doubly-stochastic matrix to the nearest permutation
+        rounded = solve_lap_groups({g: soft[g][free] for g in groups})
+        laps += len(free) * len(groups)
+        hard = {}
+        for g in groups:
+            idx = eye_idx[g].clone()
+            idx[free] = rounded[g]
+            hard[g] = idx
+        if (init == "sequential" or certified) and pair_objective(stack, hard) < start_objective:
+            hard = start
+            fw_message += " (its rounding scored below the start, which is kept)"
+        messages.append(f"Frank-Wolfe: {fw_message}")
+    converged = fw_converged or certified
+
+    # ---- block-coordinate refinement
+    sweeps = 0
+    if sweeps_cap and not stopped:
+        ascent = BlockAscent(stack, hard)
+        converged = False
+        order = free.cpu().numpy()
+        for sweeps in range(1, sweeps_cap + 1):
+            changed = 0
+            for p in rng.permutation(order):
+                changed += sum(ascent.step(int(p), groups[i]) for i in rng.permutation(len(groups)))
+            stop = report(callback, method="c2m3", phase="refinement", nit=sweeps, max_iter=sweeps_cap,
+                          changed=changed)
+            if changed == 0:
+                converged = True
+                break
+            if stop:
+                stopped = True
+                break
+        laps += ascent.laps
+        hard = ascent.perms
+        what = "a whole sweep changed nothing" if converged else (STOPPED if stopped else f"reached {sweeps_cap}")
+        messages.append(f"{sweeps} refinement sweep{'' if sweeps == 1 else 's'}: {what}")
+    message = STOPPED if stopped else "; ".join(messages)
+    converged = converged and not stopped
+    perms = unstack_permutations(hard)
+    if restricted:  # the permutations found, as elements of each group's own kind
+        perms = [{g: given_spec.group(g).from_permutation(e) for g, e in p.items()} for p in perms]
+        message += (f"; groups {restricted} were aligned by permutations only (C²M³ searches permutations; "
+                    f"'mergemany' and 'git-rebasin' search each group's own kind)")
+    return {
+        "transforms": perms,
+        "objective": pair_objective(stack, hard),
+        "nit": nit,
+        "converged": converged,
+        "message": message,
+        "history": history,
+        "sweeps": sweeps,
+        "laps": laps,
+    }
+
+
+def _frank_wolfe(stack: Stack, soft: dict[str, torch.Tensor], free: torch.Tensor, eye_idx: Mapping[str, torch.Tensor],
+                 *, max_iter: int, tol: float, patience: int, callback: Callback | None):
+    """Algorithm 1's iterations on ``soft`` (updated in place); ``(nit, converged, message, stopped, history)``."""
+    n, dev, sizes = stack.n, stack.device, stack.spec.sizes
+    groups = stack.groups()
     history: list[float] = []
     obj = None
     slow = 0
-    converged = False
+    converged, stopped = False, False
     message = f"reached max_iter={max_iter}"
-
     nit = 0
     for nit in range(1, max_iter + 1):
         # ---- gradient: per entry, the model mapped on all but one axis, against S - U_p
@@ -173,7 +331,8 @@ def c2m3_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec: Symme
         del partial
         if step <= 0.0 or gain <= 0.0:
             converged, message = True, "no ascent direction left (step size 0)"
-            report(callback, method="c2m3", phase="frank-wolfe", nit=nit, max_iter=max_iter, objective=obj, step=0.0)
+            stopped = report(callback, method="c2m3", phase="frank-wolfe", nit=nit, max_iter=max_iter,
+                             objective=obj, step=0.0)
             break
         for g in groups:  # P <- (1 - t) P + t Π
             p = soft[g]
@@ -191,47 +350,12 @@ def c2m3_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec: Symme
                       step=step)
         if slow >= patience:
             converged, message = True, f"objective improved by less than tol={tol:g} for {patience} iterations"
+            stopped = stop
             break
         if stop:
-            message = STOPPED
+            stopped = True
             break
-
-    # ---- project every doubly-stochastic matrix to the nearest permutation
-    rounded = solve_lap_groups({g: soft[g][free] for g in groups})
-    hard = {}
-    for g in groups:
-        idx = eye_idx[g].clone()
-        idx[free] = rounded[g]
-        hard[g] = idx
-    perms = unstack_permutations(hard)
-    if refine and message != STOPPED:
-        sweeps = 1000 if refine is True else int(refine)  # sweeps only ever raise the objective: they end
-
-        def relabel(info):  # the sweeps report as this method's refinement phase
-            return callback(OptimizeResult({**info, "method": "c2m3", "phase": "refinement"}))
-        # one LAP per model and group per sweep (block-coordinate ascent): a full weight matching per
-        # model (MergeMany's inner loop) costs several times more and ended lower (BENCHMARKS.md (a))
-        polished = mergemany_matching(state_dicts, spec, init=perms, max_iter=sweeps, inner_max_iter=1,
-                                      seed=seed, callback=relabel if callback is not None else None)
-        perms = polished["transforms"]
-        if not factorize:  # keep the first model's space as the common one
-            back = invert_transform(perms[0])
-            perms = [compose_transforms(p, back) for p in perms]
-        hard = {g: torch.stack([p[g] for p in perms]) for g in groups}
-        message += f"; then {polished['nit']} refinement sweep{'' if polished['nit'] == 1 else 's'}: {polished['message']}"
-        converged = polished["converged"]  # the returned permutations are MergeMany's fixed point
-    if restricted:  # the permutations found, as elements of each group's own kind
-        perms = [{g: given_spec.group(g).from_permutation(e) for g, e in p.items()} for p in perms]
-        message += (f"; groups {restricted} were aligned by permutations only (C²M³ searches permutations; "
-                    f"'mergemany' and 'git-rebasin' search each group's own kind)")
-    return {
-        "transforms": perms,
-        "objective": pair_objective(stack, hard),
-        "nit": nit,
-        "converged": converged,
-        "message": message,
-        "history": history,
-    }
+    return nit, converged, message, stopped, history
 
 
 def _add(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -14,7 +14,14 @@ Run from the repository root::
     python -m simulations.benchmarks.matching_speed --threads 1 --out matching_speed.json
     python simulations/benchmarks/matching_speed.py --methods c2m3,mergemany,git-rebasin
 
-It prints the environment (exact command, torch version, threads, CPU) and a markdown table.
+It prints the environment (exact command, torch version, threads, CPU) and a markdown table with,
+per method: wall seconds and their ratio to Git Re-Basin's in the same run (when ``git-rebasin``
+is among the methods), Frank-Wolfe iterations, refinement sweeps, LAPs solved, seconds in the LAP
+solver and in the rest (products, gathers, line search), the objective and its ratio to the
+paper's algorithm (``c2m3-paper``), and with ``--accuracy`` the MNIST test accuracy of the merged
+MLP.  ``c2m3-paper``, ``c2m3-fw20``, ``c2m3-fw40`` and ``c2m3-sequential`` are C²M³ with
+``paper=True``, ``max_iter=20``, ``max_iter=40`` and ``init="sequential"``; ``--first-seed 20``
+takes the trained MLPs of seeds 20, 21, ... (a second set of models).
 """
 
 from __future__ import annotations
@@ -41,9 +48,18 @@ from simulations.benchmarks.models import PAPER_WIDTHS, method_call, mlp_name, r
 from simulations.benchmarks.output import finish, markdown_table
 
 MODULE = "simulations.benchmarks.matching_speed"
-METHODS = ("c2m3", "c2m3+refine", "mergemany", "git-rebasin", "pairwise")
-METHOD_LABELS = {"c2m3": "C²M³", "c2m3+refine": "C²M³ + block-coordinate refinement", "mergemany": "MergeMany", "git-rebasin": "Git Re-Basin (to model 0)",
-                 "pairwise": "pairwise Git Re-Basin"}
+METHODS = ("c2m3", "c2m3-paper", "c2m3-fw20", "c2m3-fw40", "c2m3-sequential", "c2m3+refine", "mergemany",
+           "git-rebasin", "pairwise")
+METHOD_LABELS = {"c2m3": "C²M³ (default: auto start, Frank-Wolfe, refinement to a fixed point)",
+                 "c2m3-paper": "C²M³, paper's Algorithm 1 (paper=True)",
+                 "c2m3-fw20": "C²M³, 20 Frank-Wolfe iterations + refinement",
+                 "c2m3-fw40": "C²M³, 40 Frank-Wolfe iterations + refinement",
+                 "c2m3-sequential": "C²M³, full sequential start + Frank-Wolfe + refinement",
+                 "c2m3+refine": "C²M³ + block-coordinate refinement", "mergemany": "MergeMany",
+                 "git-rebasin": "Git Re-Basin (to model 0)", "pairwise": "pairwise Git Re-Basin"}
+#: Variants of the C²M³ aligner this benchmark compares (fixed options; ``--max-iter`` does not override them).
+C2M3_VARIANTS = {"c2m3-paper": {"paper": True}, "c2m3-fw20": {"max_iter": 20}, "c2m3-fw40": {"max_iter": 40},
+                 "c2m3-sequential": {"init": "sequential"}}
 RESNET_NOTE = ("ResNet-20 models are random initialisations (CIFAR-10 is not available offline): their rows "
                "measure matching cost on real ResNet shapes, not the alignment of trained networks.")
 
@@ -73,13 +89,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None,
                    help="seed of the matchers' random visiting orders (default: each matcher's own, 0)")
     p.add_argument("--device", type=torch_device, default="cpu", help="device the matching runs on (default: cpu)")
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="trained MLPs: use the models of seeds first-seed, first-seed+1, ... (default: 0)")
+    p.add_argument("--accuracy", action=argparse.BooleanOptionalAction, default=False,
+                   help="also report the MNIST test accuracy of each merged MLP (default: off)")
     add_common_arguments(p)
     return p
 
 
 def run_method(method: str, state_dicts: list, spec: fedmerge.PermutationSpec, *, max_iter: int | None,
                progress: bool, seed: int | None = None) -> dict[str, Any]:
-    """One timed matching; returns the fields of a results row."""
+    """One timed matching; returns the fields of a results row.
+
+    ``laps`` and ``lap_seconds`` are the LAPs solved and the wall seconds spent in the LAP solver
+    (:data:`fedmerge.assignment.STATS`); ``other_seconds`` is the rest of the wall time (the
+    products, gathers and line searches).
+    """
+    from fedmerge import assignment
     n = len(state_dicts)
     options = {} if max_iter is None else {"max_iter": max_iter}
     if method == "pairwise":
@@ -88,15 +114,24 @@ def run_method(method: str, state_dicts: list, spec: fedmerge.PermutationSpec, *
         seconds = time.perf_counter() - start
         return {"seconds": seconds, "nit": None, "converged": None, "objective": None, "cycle_error": err,
                 "message": f"{n * (n - 1) // 2} independent pairwise weight matchings"}
-    name, extra = method_call(method)
+    if method in C2M3_VARIANTS:
+        name, extra = "c2m3", dict(C2M3_VARIANTS[method])
+        options = {k: v for k, v in options.items() if k not in extra}
+    else:
+        name, extra = method_call(method)
     if seed is not None:
         options["seed"] = seed
+    assignment.reset_stats()
     res = fedmerge.match(state_dicts, spec, method=name, progress=progress, **options, **extra)
+    stats = assignment.reset_stats()
     return {"seconds": float(res.seconds), "nit": int(res.nit), "converged": bool(res.converged),
-            "objective": float(res.objective), "cycle_error": float(res.cycle_error), "message": str(res.message)}
+            "objective": float(res.objective), "cycle_error": float(res.cycle_error), "message": str(res.message),
+            "sweeps": res.get("sweeps"), "laps": stats["calls"], "lap_seconds": stats["seconds"],
+            "other_seconds": float(res.seconds) - stats["seconds"], "transforms": res.transforms}
 
 
-def _bench_group(label: str, kind: str, state_dicts: list, spec, sizes: Sequence[int], args) -> list[dict]:
+def _bench_group(label: str, kind: str, state_dicts: list, spec, sizes: Sequence[int], args,
+                 accuracy=None) -> list[dict]:
     rows = []
     for n in sizes:
         models = state_dicts[:n]
@@ -104,15 +139,25 @@ def _bench_group(label: str, kind: str, state_dicts: list, spec, sizes: Sequence
             if method == "pairwise" and n < 3:
                 continue  # a cycle needs three models
             out = run_method(method, models, spec, max_iter=args.max_iter, progress=args.progress, seed=args.seed)
+            transforms = out.pop("transforms", None)
+            if accuracy is not None and transforms is not None:
+                out["accuracy"] = accuracy(models, transforms)
             row = {"models": label, "kind": kind, "n": n, "method": method,
                    "method_label": METHOD_LABELS[method], **out}
             rows.append(row)
             print(f"  {label}, n={n}, {METHOD_LABELS[method]}: {out['seconds']:.2f} s, nit={out['nit']}, "
-                  f"objective={out['objective']}, cycle_error={out['cycle_error']}", file=sys.stderr, flush=True)
+                  f"sweeps={out.get('sweeps')}, laps={out.get('laps')}, objective={out['objective']}, "
+                  f"accuracy={out.get('accuracy')}, cycle_error={out['cycle_error']}", file=sys.stderr, flush=True)
         ref = next((r["objective"] for r in rows if r["n"] == n and r["method"] == "c2m3"), None)
+        paper = next((r["objective"] for r in rows if r["n"] == n and r["method"] == "c2m3-paper"), None)
+        gr = next((r["seconds"] for r in rows if r["n"] == n and r["method"] == "git-rebasin"), None)
         for r in rows:
             if r["n"] == n and r["objective"] is not None and ref:
                 r["objective_vs_c2m3"] = r["objective"] / ref
+            if r["n"] == n and r["objective"] is not None and paper:
+                r["objective_vs_paper"] = r["objective"] / paper
+            if r["n"] == n and gr:
+                r["seconds_vs_git_rebasin"] = r["seconds"] / gr
     return rows
 
 
@@ -121,15 +166,37 @@ def _display(row: dict) -> dict:
         return None if value is None else format(value, spec)
     return {
         "models": row["models"], "n": row["n"], "method": row["method_label"],
-        "seconds": fmt(row["seconds"], ".3f"), "nit": row["nit"], "converged": row["converged"],
+        "seconds": fmt(row["seconds"], ".3f"), "vs_gr": fmt(row.get("seconds_vs_git_rebasin"), ".2f"),
+        "nit": row["nit"], "sweeps": row.get("sweeps"), "laps": row.get("laps"),
+        "lap_s": fmt(row.get("lap_seconds"), ".1f"), "other_s": fmt(row.get("other_seconds"), ".1f"),
+        "converged": row["converged"],
         "objective": fmt(row["objective"], ".6g"), "obj_ratio": fmt(row.get("objective_vs_c2m3"), ".4f"),
-        "cycle_error": fmt(row["cycle_error"], ".3g"),
+        "obj_paper": fmt(row.get("objective_vs_paper"), ".5f"),
+        "accuracy": fmt(row.get("accuracy"), ".2%"), "cycle_error": fmt(row["cycle_error"], ".3g"),
     }
 
 
 COLUMNS = [("models", "models"), ("n", "n"), ("method", "method"), ("seconds", "wall s"),
-           ("nit", "iterations (nit)"), ("converged", "converged"), ("objective", "objective (Eq. 4)"),
-           ("obj_ratio", "objective / C²M³"), ("cycle_error", "cycle error")]
+           ("vs_gr", "wall / Git Re-Basin"), ("nit", "iterations (nit)"), ("sweeps", "refinement sweeps"),
+           ("laps", "LAPs"), ("lap_s", "LAP s"), ("other_s", "other s (products, gathers)"),
+           ("converged", "converged"), ("objective", "objective (Eq. 4)"), ("obj_ratio", "objective / C²M³"),
+           ("obj_paper", "objective / paper's"), ("accuracy", "test accuracy"), ("cycle_error", "cycle error")]
+
+
+def _mnist_accuracy(widths, device):
+    """``accuracy(state_dicts, transforms)``: MNIST test accuracy of the mean of the aligned MLPs."""
+    from fedmerge.data import load_dataset
+    from fedmerge.training import evaluate
+    test = load_dataset("mnist", train=False)
+
+    def accuracy(state_dicts, transforms):
+        spec = MLP((1, 28, 28), 10, widths=widths).permutation_spec()
+        aligned = [fedmerge.apply_transform(sd, spec, t) for sd, t in zip(state_dicts, transforms)]
+        merged = {k: torch.stack([a[k].float() for a in aligned]).mean(0) for k in aligned[0]}
+        model = MLP((1, 28, 28), 10, widths=widths)
+        model.load_state_dict({k: v.cpu() for k, v in merged.items()})
+        return float(evaluate(model, test.images, test.labels, device="cpu")["accuracy"])
+    return accuracy
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -144,19 +211,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     notes = []
 
     rows: list[dict] = []
-    warmup(args.methods, args.device)
+    warmup(sorted({'c2m3' if m in C2M3_VARIANTS else m for m in args.methods}), args.device)
     count = max(args.sizes)
     if args.models == "trained":
-        mlps = trained_mlps(count, epochs=args.epochs, cache_dir=args.cache_dir, progress=args.progress,
-                            widths=widths)
-        label = f"MLP {name[4:]} (MNIST, {args.epochs} ep)"
+        mlps = trained_mlps(args.first_seed + count, epochs=args.epochs, cache_dir=args.cache_dir,
+                            progress=args.progress, widths=widths)[args.first_seed:]
+        seeds = f", seeds {args.first_seed}-{args.first_seed + count - 1}" if args.first_seed else ""
+        label = f"MLP {name[4:]} (MNIST, {args.epochs} ep{seeds})"
     else:
         mlps = random_models(lambda: MLP((1, 28, 28), 10, widths=widths), count)
         label = f"MLP {name[4:]} (random init)"
         notes.append("MLPs are seeded random initialisations (--models random), not trained models.")
     mlps = [{k: v.to(device) for k, v in sd.items()} for sd in mlps]
     mlp_spec = MLP((1, 28, 28), 10, widths=widths).permutation_spec()
-    rows += _bench_group(label, "mlp", mlps, mlp_spec, sorted(args.sizes), args)
+    acc = _mnist_accuracy(widths, device) if args.accuracy and args.models == "trained" else None
+    rows += _bench_group(label, "mlp", mlps, mlp_spec, sorted(args.sizes), args, accuracy=acc)
     del mlps
 
     if args.resnet:
@@ -167,8 +236,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                              [args.resnet_count], args)
         notes.append(RESNET_NOTE)
 
-    columns = COLUMNS if "c2m3" in args.methods and len(args.methods) > 1 else \
-        [c for c in COLUMNS if c[0] != "obj_ratio"]
+    drop = set()
+    if not ("c2m3" in args.methods and len(args.methods) > 1):
+        drop.add("obj_ratio")
+    if "c2m3-paper" not in args.methods:
+        drop.add("obj_paper")
+    if "git-rebasin" not in args.methods:
+        drop.add("vs_gr")
+    if acc is None:
+        drop.add("accuracy")
+    columns = [c for c in COLUMNS if c[0] not in drop]
     table = markdown_table([_display(r) for r in rows], columns)
     print()
     print(format_environment(env))

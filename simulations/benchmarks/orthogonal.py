@@ -1,0 +1,468 @@
+"""Benchmark (orthogonal): orthogonal alignment and spherical averaging, beside the papers' figures.
+
+Three tables, each next to the figures of the paper it reproduces:
+
+1. ``orthogonal-rebasin-mnist-mlp`` Table 1: two MLPs trained independently on MNIST, merged at
+   α = 0.5 — naive (LERP and SLERP), permutation (Git Re-Basin weight matching; activation
+   matching), orthogonal (activation Procrustes on every hidden group, a relaxation on ReLU units;
+   weight Procrustes; the same projected back to permutations; Stiefel-manifold optimisation) and
+   orthogonal + SLERP — with test accuracy and loss at α = 0.5, the LERP loss barrier, and the ReLU
+   residual ``E_res`` and sign-change share of each map (mean over the hidden layers, on the
+   calibration inputs).
+2. ``spherical-barycenter-multi-model-merging``: 4 MLPs 784-128-64-10 and 4 logistic regressions,
+   3 epochs of Adam (lr 1e-3, batch 64) on the first 50 000 MNIST training images; the spherical
+   (Karcher) barycenter unaligned (the whole model as one vector, as in the paper, with the log/exp
+   iteration and with pymanopt's Riemannian trust regions; and per tensor), aligned (C²M³,
+   MergeMany, orthogonal with ``relax=True``) + spherical barycenter, and the order independence of
+   the barycenter (max difference between two merge orders).
+3. ``orthogonal-rebasin-resnet20-cifar10`` on MNIST (``--tables ...,resnet``): three BatchNorm ResNet-20s
+   (interpolation between models 0 and 1, the third for the cycle errors); naive
+   LERP/SLERP, Git Re-Basin, orthogonal (activation Procrustes searched over rotations, projected
+   to permutations because BatchNorm channels may not rotate), each with BatchNorm statistics as
+   interpolated, re-estimated (RESET) and REPAIRed (RESET, then REPAIR in one pass, at every α);
+   loss barrier (the paper's ``max_α L``), midpoint accuracy,
+   linear CKA of the midpoint's embedding (pooled features) with model A's, the cycle error of
+   three models' maps (ours, into a common space; independent pairwise ones) and the ReLU residual
+   of the searched rotations before projection (RME).
+
+Run from the repository root::
+
+    python -m simulations.benchmarks.orthogonal --threads 1
+    python -m simulations.benchmarks.orthogonal --threads 1 --tables mlp,spherical,resnet --out orthogonal.json
+
+Models are trained once and cached (``--cache-dir``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+if __package__ in (None, ""):  # run as a script: make `simulations` importable from the repo root
+    _root = str(Path(__file__).resolve().parents[2])
+    if _root not in sys.path:
+        sys.path.insert(0, _root)
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fedmerge
+from fedmerge import alignment_metrics as am
+from fedmerge.data import load_dataset
+from fedmerge.models import MLP, ResNet20
+from simulations.benchmarks.cli import (add_common_arguments, ensure_stdout_utf8, parse_choice_list, parse_int_list,
+                                        positive_int)
+from simulations.benchmarks.environment import environment, format_environment, set_threads
+from simulations.benchmarks.models import bench_cache_dir
+from simulations.benchmarks.output import atomic_write, finish, markdown_table
+
+MODULE = "simulations.benchmarks.orthogonal"
+TABLES = ("mlp", "spherical", "resnet")
+
+#: Table 1 of the MNIST orthogonal paper: accuracy at α = 0.5, E_res, sign change.
+PAPER_MLP = {"naive": ("11.2%", "—", "—"), "permutation": ("97.8%", "0", "0%"),
+             "orthogonal": ("98.1%", "1.2·10⁻²", "8.4%"), "orthogonal+slerp": ("98.3%", "1.2·10⁻²", "8.4%")}
+#: The spherical-barycenter paper: 4 MLPs 784-128-64-10 and 4 logistic regressions, 3 epochs Adam 1e-3.
+PAPER_SPHERICAL = {"mlp-endpoints": "96.13–96.77%", "mlp-unaligned": "9.12%", "mlp-unaligned-tr": "8.60%",
+                   "logreg-endpoints": "91.18–91.52%", "logreg": "91.46%", "order": "< 1e-6"}
+#: Tables 1-2 of the ResNet-20 orthogonal paper (CIFAR-10, 200 epochs): barrier, midpoint acc, CKA, cycle, RME.
+PAPER_RESNET = {"orthogonal-kept": ("159.80", "10.0%", "0.302", "114.05", "0.0677"),
+                "naive": ("2.18", "10.9%", "0.727", "N/A", "N/A"), "naive+slerp": ("3.55", "14.3%", "—", "—", "—"),
+                "git-rebasin": ("6.20", "10.0%", "0.361", "N/A", "N/A")}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"python -m {MODULE}", usage="%(prog)s [options]",
+                                description="Orthogonal alignment and spherical averaging beside the papers.")
+    p.add_argument("--widths", type=lambda s: parse_int_list(s, minimum=1), default=[128, 64],
+                   help="MLP hidden widths for tables 1 and 2 (default: 128,64, the spherical paper's)")
+    p.add_argument("--epochs", type=positive_int, default=3, help="Adam epochs per model (default: 3)")
+    p.add_argument("--train-size", type=positive_int, default=50_000,
+                   help="train on the first N MNIST training images (default: 50000, the spherical paper's)")
+    p.add_argument("--calibration", type=positive_int, default=5000,
+                   help="training images used as calibration inputs for activations (default: 5000)")
+    p.add_argument("--tables", type=parse_choice_list(TABLES), default=["mlp", "spherical"],
+                   help=f"comma-separated subset of {','.join(TABLES)} (default: mlp,spherical; resnet trains "
+                        "three ResNet-20s on the first run)")
+    p.add_argument("--resnet-width", type=float, default=0.5, help="ResNet-20 width multiplier (default: 0.5)")
+    p.add_argument("--resnet-epochs", type=positive_int, default=2, help="ResNet-20 epochs (default: 2)")
+    p.add_argument("--resnet-train-size", type=positive_int, default=20_000,
+                   help="ResNet-20 training images (default: 20000)")
+    add_common_arguments(p)
+    p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+# --------------------------------------------------------------------------- training (Adam, cached)
+class LogisticRegression(nn.Module):
+    """One linear layer on the flattened image: the spherical paper's convex baseline."""
+
+    def __init__(self, input_shape=(1, 28, 28), num_classes=10):
+        super().__init__()
+        self.flatten = nn.Flatten()
+        self.linear = nn.Linear(int(torch.tensor(input_shape).prod()), num_classes)
+
+    def forward(self, x):
+        return self.linear(self.flatten(x))
+
+
+def _adam(make, name: str, seed: int, x, y, *, epochs: int, cache_dir, lr: float = 1e-3, batch_size: int = 64,
+          optimizer: str = "adam") -> dict[str, torch.Tensor]:
+    path = bench_cache_dir(cache_dir) / f"{name}-{optimizer}-e{epochs}-n{len(x)}-seed{seed}.pt"
+    if path.exists():
+        return torch.load(path, map_location="cpu", weights_only=True)
+    torch.manual_seed(seed)
+    model = make()
+    if optimizer == "adam":
+        opt = torch.optim.Adam(model.parameters(), lr=lr)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    start = time.perf_counter()
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=g)
+        for i in range(0, len(x), batch_size):
+            idx = order[i:i + batch_size]
+            opt.zero_grad()
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    sd = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    atomic_write(path, lambda f: torch.save(sd, f))
+    print(f"trained {name} seed {seed} in {time.perf_counter() - start:.0f} s -> {path}", file=sys.stderr, flush=True)
+    return sd
+
+
+def _pct(v: float) -> str:
+    return f"{100 * v:.2f}%"
+
+
+# --------------------------------------------------------------------------- table 1
+def _relu_diagnostics(model, sd_b, maps, groups, modules, inputs) -> tuple[float | None, float | None]:
+    """Mean over hidden layers of E_res (relative) and the sign-change share of model b's maps."""
+    feats = am.features(model, sd_b, inputs, modules)
+    res, sign = [], []
+    for g, mod in zip(groups, modules):
+        res.append(am.relu_residual(feats[mod], maps[g]))
+        sign.append(am.sign_change_share(feats[mod], maps[g]))
+    return statistics.fmean(res), statistics.fmean(sign)
+
+
+def mlp_table(args, train, test, calib) -> tuple[str, list[dict]]:
+    widths = tuple(args.widths)
+    name = "mlp-" + "-".join(map(str, (784, *widths, 10)))
+
+    def make():
+        return MLP(train.input_shape, train.num_classes, widths=widths)
+
+    x, y = train.images[:args.train_size], train.labels[:args.train_size]
+    sds = [_adam(make, name, s, x, y, epochs=args.epochs, cache_dir=args.cache_dir) for s in range(2)]
+    model = make()
+    spec = model.permutation_spec()
+    relaxed = fedmerge.relaxed_spec(spec)
+    groups = list(spec.sizes)
+    modules = [f"layers.{i}" for i in range(len(widths))]
+    data = (test.images, test.labels)
+    rows = []
+
+    def row(method, label, maps_b, s, *, slerp=False, diag_maps=None, paper=None, spec_used=spec):
+        aligned_b = sds[1] if maps_b is None else fedmerge.apply_transform(sds[1], spec_used, maps_b)
+        mid = fedmerge.spherical_average([sds[0], aligned_b], [0.5, 0.5]) if slerp else \
+            fedmerge.interpolate(sds[0], aligned_b, 0.5)
+        r = am.evaluate(model, mid, data)
+        end = am.evaluate(model, aligned_b, data)  # the aligned endpoint: model 1 itself only for exact maps
+        barrier = am.loss_barrier(model, sds[0], aligned_b, data, alphas=11, method="slerp" if slerp else "lerp")
+        e_res = sign = None
+        if diag_maps is not None:
+            e_res, sign = _relu_diagnostics(model, sds[1], diag_maps, groups, modules, calib)
+        p = PAPER_MLP.get(paper, ("—", "—", "—"))
+        rows.append({"method": method, "label": label, "accuracy": r["accuracy"], "loss": r["loss"],
+                     "endpoint_accuracy": end["accuracy"],
+                     "barrier": barrier, "e_res": e_res, "sign_change": sign, "seconds": s,
+                     "paper_accuracy": p[0], "paper_e_res": p[1], "paper_sign": p[2]})
+        print(f"  table 1, {label}: {_pct(r['accuracy'])}", file=sys.stderr, flush=True)
+
+    ends = [am.evaluate(model, sd, data)["accuracy"] for sd in sds]
+    row("naive", "naive (LERP)", None, 0.0, paper="naive")
+    row("naive+slerp", "naive + SLERP", None, 0.0, slerp=True)
+
+    def timed(**kw):
+        start = time.perf_counter()
+        out = fedmerge.match(sds, **kw)
+        return out, time.perf_counter() - start
+
+    res, s = timed(spec=spec, method="git-rebasin")
+    row("permutation", "permutation (Git Re-Basin weight matching)", res.pairwise(1, 0), s,
+        diag_maps=res.pairwise(1, 0), paper="permutation")
+    start = time.perf_counter()
+    act = fedmerge.matching.orthogonal.orthogonal_matching(sds, spec, inputs=calib, model=model)
+    s = time.perf_counter() - start
+    t = fedmerge.transforms.pairwise_map(act["transforms"], 1, 0)
+    row("permutation-act", "permutation (activation matching)", t, s, diag_maps=t)
+    start = time.perf_counter()
+    orth = fedmerge.matching.orthogonal.orthogonal_matching(sds, relaxed, inputs=calib, model=model)
+    s = time.perf_counter() - start
+    q = fedmerge.transforms.pairwise_map(orth["transforms"], 1, 0)
+    row("orthogonal", "orthogonal (activation Procrustes, relaxed)", q, s, diag_maps=q, paper="orthogonal",
+        spec_used=relaxed)
+    row("orthogonal+slerp", "orthogonal + SLERP", q, s, slerp=True, diag_maps=q, paper="orthogonal+slerp",
+        spec_used=relaxed)
+    res, s = timed(spec=relaxed, method="orthogonal")
+    row("orthogonal-weights", "orthogonal (weight Procrustes, relaxed)", res.pairwise(1, 0), s,
+        diag_maps=res.pairwise(1, 0), spec_used=relaxed)
+    res, s = timed(spec=relaxed, method="orthogonal", init="permutation")
+    row("orthogonal-weights-perm", "orthogonal (weight Procrustes from the permutation matching)",
+        res.pairwise(1, 0), s, diag_maps=res.pairwise(1, 0), spec_used=relaxed)
+    start = time.perf_counter()
+    proj = fedmerge.matching.orthogonal.orthogonal_matching(sds, spec, inputs=calib, model=model, relax=True)
+    s = time.perf_counter() - start
+    row("orthogonal-projected", "orthogonal (activations) projected to permutations",
+        fedmerge.transforms.pairwise_map(proj["transforms"], 1, 0), s,
+        diag_maps=fedmerge.transforms.pairwise_map(proj["transforms"], 1, 0))
+    start = time.perf_counter()
+    st = fedmerge.matching.orthogonal.orthogonal_matching(sds, relaxed, inputs=calib, model=model, solver="stiefel")
+    s = time.perf_counter() - start
+    q = fedmerge.transforms.pairwise_map(st["transforms"], 1, 0)
+    row("orthogonal-stiefel", "orthogonal (activations, Stiefel CG from the identity)", q, s, diag_maps=q,
+        spec_used=relaxed)
+
+    table = markdown_table(
+        [{"label": r["label"], "acc": _pct(r["accuracy"]), "loss": f"{r['loss']:.4f}",
+          "end": _pct(r["endpoint_accuracy"]),
+          "barrier": f"{r['barrier']:.4f}", "e_res": None if r["e_res"] is None else f"{r['e_res']:.3g}",
+          "sign": None if r["sign_change"] is None else _pct(r["sign_change"]),
+          "s": f"{r['seconds']:.2f}", "pa": r["paper_accuracy"], "pe": r["paper_e_res"], "ps": r["paper_sign"]}
+         for r in rows],
+        [("label", "method"), ("acc", "acc α=0.5"), ("loss", "loss α=0.5"), ("end", "acc α=1 (aligned model 1)"),
+         ("barrier", "barrier (LERP/SLERP)"),
+         ("e_res", "E_res"), ("sign", "sign change"), ("s", "align s"), ("pa", "paper acc"), ("pe", "paper E_res"),
+         ("ps", "paper sign")])
+    head = (f"Two MLPs {name[4:]} on MNIST ({args.epochs} epochs Adam 1e-3, first {args.train_size} training images), "
+            f"endpoint test accuracy {_pct(ends[0])}, {_pct(ends[1])}; calibration: {len(calib)} training images.")
+    return head + "\n\n" + table, rows
+
+
+# --------------------------------------------------------------------------- table 2
+def spherical_table(args, train, test) -> tuple[str, list[dict]]:
+    x, y = train.images[:args.train_size], train.labels[:args.train_size]
+    data = (test.images, test.labels)
+    mlp = MLP(train.input_shape, train.num_classes, widths=(128, 64))
+    mlps = [_adam(lambda: MLP(train.input_shape, train.num_classes, widths=(128, 64)), "mlp-784-128-64-10", s,
+                  x, y, epochs=args.epochs, cache_dir=args.cache_dir) for s in range(4)]
+    lr = LogisticRegression(train.input_shape, train.num_classes)
+    lrs = [_adam(lambda: LogisticRegression(train.input_shape, train.num_classes), "logreg-784-10", s, x, y,
+                 epochs=args.epochs, cache_dir=args.cache_dir) for s in range(4)]
+    rows = []
+
+    def add(label, model, sd, paper=None, seconds=None):
+        r = am.evaluate(model, sd, data)
+        rows.append({"label": label, "accuracy": r["accuracy"], "loss": r["loss"], "paper": paper,
+                     "seconds": seconds})
+        print(f"  table 2, {label}: {_pct(r['accuracy'])}", file=sys.stderr, flush=True)
+
+    accs = [am.evaluate(mlp, sd, data)["accuracy"] for sd in mlps]
+    rows.append({"label": "4 MLP endpoints (min–max)", "accuracy": None,
+                 "text": f"{_pct(min(accs))}–{_pct(max(accs))}", "paper": PAPER_SPHERICAL["mlp-endpoints"]})
+    add("MLP, mean (no alignment)", mlp, fedmerge.merge(mlps, align=None))
+    for gran, solver, key in (("model", "karcher", None), ("model", "trust-regions", None), ("tensor", "karcher", None)):
+        start = time.perf_counter()
+        sd = fedmerge.merge(mlps, align=None, average="spherical",
+                            average_options={"granularity": gran, "solver": solver})
+        add(f"MLP, spherical barycenter, no alignment ({gran}, {solver})", mlp, sd,
+            PAPER_SPHERICAL.get(key) if key else None, time.perf_counter() - start)
+    # the paper's recipe as written: the flattened models normalised, the unit-norm barycenter loaded as it is
+    for solver, key in (("karcher", "mlp-unaligned"), ("trust-regions", "mlp-unaligned-tr")):
+        sd = fedmerge.merge(mlps, align=None, average="spherical",
+                            average_options={"granularity": "model", "solver": solver, "restore_norm": False})
+        add(f"MLP, unit-norm spherical barycenter, no alignment (model, {solver}; norm not restored)", mlp, sd,
+            PAPER_SPHERICAL[key])
+    spec = mlp.permutation_spec()
+    for align, opts in (("c2m3", {}), ("mergemany", {}), ("orthogonal", {"relax": True})):
+        start = time.perf_counter()
+        sd = fedmerge.merge(mlps, spec=spec, align=align, average="spherical", align_options=opts)
+        label = f"MLP, {align}{' (relax=True)' if opts else ''} + spherical barycenter (tensor)"
+        add(label, mlp, sd, "—", time.perf_counter() - start)
+        sd = fedmerge.merge(mlps, spec=spec, align=align, align_options=opts)
+        add(f"MLP, {align}{' (relax=True)' if opts else ''} + mean", mlp, sd, "—")
+    accs = [am.evaluate(lr, sd, data)["accuracy"] for sd in lrs]
+    rows.append({"label": "4 logistic regressions (min–max)", "accuracy": None,
+                 "text": f"{_pct(min(accs))}–{_pct(max(accs))}", "paper": PAPER_SPHERICAL["logreg-endpoints"]})
+    for gran in ("model", "tensor"):
+        add(f"logistic regression, spherical barycenter ({gran})", lr,
+            fedmerge.merge(lrs, align=None, average="spherical", average_options={"granularity": gran}),
+            PAPER_SPHERICAL["logreg"] if gran == "model" else None)
+    add("logistic regression, unit-norm spherical barycenter (model; norm not restored)", lr,
+        fedmerge.merge(lrs, align=None, average="spherical",
+                       average_options={"granularity": "model", "restore_norm": False}), PAPER_SPHERICAL["logreg"])
+    # order independence: the barycenter of the 4 models in every order
+    w = [0.1, 0.2, 0.3, 0.4]
+    ref = fedmerge.spherical_average(lrs, w, granularity="model")
+    worst = 0.0
+    for order in itertools.permutations(range(4)):
+        other = fedmerge.spherical_average([lrs[i] for i in order], [w[i] for i in order], granularity="model")
+        worst = max(worst, max(float((other[k] - ref[k]).abs().max()) for k in ref))
+    rows.append({"label": "order independence: max |Δ| over all 24 orders (4 logistic regressions, weighted)",
+                 "accuracy": None, "text": f"{worst:.1e}", "paper": PAPER_SPHERICAL["order"]})
+    table = markdown_table(
+        [{"label": r["label"], "acc": r.get("text") or _pct(r["accuracy"]),
+          "loss": f"{r['loss']:.4f}" if r.get("loss") is not None else None,
+          "s": None if r.get("seconds") is None else f"{r['seconds']:.2f}", "paper": r["paper"]} for r in rows],
+        [("label", "model / merge"), ("acc", "test accuracy"), ("loss", "test loss"), ("s", "merge s"),
+         ("paper", "paper")])
+    head = (f"4 MLPs 784-128-64-10 and 4 logistic regressions, {args.epochs} epochs Adam 1e-3 (batch 64) on the "
+            f"first {args.train_size} MNIST training images, evaluated on the 10 000 test images.")
+    return head + "\n\n" + table, rows
+
+
+# --------------------------------------------------------------------------- table 3
+def _embedding(model, sd, inputs):
+    """Globally pooled features before the classifier (the input of ``fc``)."""
+    captured = []
+    h = model.fc.register_forward_hook(lambda m, a, out: captured.append(a[0].detach()))
+    try:
+        am.features(model, sd, inputs, batch_size=500)
+    finally:
+        h.remove()
+    return torch.cat(captured)
+
+
+def resnet_table(args, train, test, calib) -> tuple[str, list[dict]]:
+    width = args.resnet_width
+
+    def make():
+        return ResNet20(train.input_shape, train.num_classes, width=width, norm="batchnorm")
+
+    x, y = train.images[:args.resnet_train_size], train.labels[:args.resnet_train_size]
+    name = f"resnet20-bn-w{width:g}"
+    sds = [_adam(make, name, s, x, y, epochs=args.resnet_epochs, cache_dir=args.cache_dir, lr=0.05,
+                 batch_size=128, optimizer="sgd") for s in range(3)]
+    model = make()
+    spec = model.permutation_spec()
+    data = (test.images[:2000], test.labels[:2000])
+    calib = calib[:2000]
+    from fedmerge.repair import repair, reset_batchnorm as reset  # REPAIR; RESET of the BatchNorm statistics
+    feats_a = _embedding(model, sds[0], data[0])
+    rows = []
+
+    def curve(b, slerp, fix):
+        losses, accs = [], []
+        for t in (0.0, 0.25, 0.5, 0.75, 1.0):
+            theta = fedmerge.spherical_average([sds[0], b], [1 - t, t]) if slerp else fedmerge.interpolate(sds[0], b, t)
+            if fix == "reset" and 0 < t < 1:
+                theta = reset(model, theta, calib)
+            elif fix == "repair" and 0 < t < 1:
+                theta = repair(theta, [sds[0], b], [1 - t, t], model=model, inputs=calib, spec=spec, reset=True,
+                               passes="single")
+            r = am.evaluate(model, theta, data, batch_size=500)
+            losses.append(r["loss"])
+            accs.append(r["accuracy"])
+            if t == 0.5:
+                mid = theta
+        return max(losses), accs[2], am.linear_cka(feats_a, _embedding(model, mid, data[0]))
+
+    def add(key, label, b, *, slerp=False, cycle=None, pairwise_cycle=None, rme=None, seconds=None):
+        for fix in (None, "reset", "repair"):
+            barrier, acc, cka = curve(b, slerp, fix)
+            p = PAPER_RESNET.get(key, ("—",) * 5) if fix is None else ("—",) * 5
+            suffix = {None: "", "reset": " + RESET", "repair": " + REPAIR"}[fix]
+            rows.append({"label": label + suffix, "barrier": barrier, "acc": acc,
+                         "cka": cka, "cycle": cycle, "pairwise_cycle": pairwise_cycle, "rme": rme,
+                         "seconds": seconds, "paper": p})
+            print(f"  table 3, {rows[-1]['label']}: barrier {barrier:.3f}, acc {_pct(acc)}", file=sys.stderr,
+                  flush=True)
+
+    ends = [am.evaluate(model, sd, data, batch_size=500)["accuracy"] for sd in sds]
+    add("naive", "naive (LERP)", sds[1])
+    add("naive+slerp", "naive + SLERP", sds[1], slerp=True)
+    start = time.perf_counter()
+    gr = fedmerge.match(sds, spec, method="git-rebasin")
+    s = time.perf_counter() - start
+    loops = [gr.pairwise(0, 1), gr.pairwise(1, 2), gr.pairwise(2, 0)]
+    add("git-rebasin", "Git Re-Basin (weights)", fedmerge.apply_transform(sds[1], spec, gr.pairwise(1, 0)),
+        cycle=am.cycle_residual(sds[0], spec, loops), seconds=s)
+    start = time.perf_counter()
+    orth = fedmerge.matching.orthogonal.orthogonal_matching(sds, spec, inputs=calib, model=model, relax=True,
+                                                            batch_size=250)
+    s = time.perf_counter() - start
+    ts = orth["transforms"]
+    loops = [fedmerge.transforms.pairwise_map(ts, a, b) for a, b in ((0, 1), (1, 2), (2, 0))]
+    pair = {}
+    for a, b in ((0, 1), (1, 2), (2, 0)):
+        r = fedmerge.matching.orthogonal.orthogonal_matching([sds[b], sds[a]], spec, inputs=calib, model=model,
+                                                             relax=True, batch_size=250)
+        pair[(a, b)] = r["transforms"][1]
+    # RME: the ReLU residual of the searched rotations of model 1's units that a ReLU follows directly
+    rot = fedmerge.transforms.pairwise_map(orth["rotations"], 1, 0)
+    inner = [g for g in spec.sizes if g.endswith(".inner")]
+    norms = [f"stage{g[5]}.{g.split('block')[1].split('.')[0]}.norm1" for g in inner]  # BN before the ReLU
+    feats = am.features(model, sds[1], calib[:500], norms)
+    rme = statistics.fmean(
+        am.relu_residual(feats[m].reshape(feats[m].shape[0], spec.sizes[g], -1).movedim(1, -1)
+                         .reshape(-1, spec.sizes[g]), rot[g]) for g, m in zip(inner, norms))
+    add("orthogonal", "orthogonal (activation Procrustes, projected to permutations)",
+        fedmerge.apply_transform(sds[1], spec, fedmerge.transforms.pairwise_map(ts, 1, 0)),
+        cycle=am.cycle_residual(sds[0], spec, loops),
+        pairwise_cycle=am.cycle_residual(sds[0], spec, [pair[(0, 1)], pair[(1, 2)], pair[(2, 0)]]),
+        rme=rme, seconds=s)
+    # the papers' recipe on BatchNorm: the searched rotations applied as they are (BN channels rotated, refused
+    # by the aligner; applied here by hand to show why)
+    kept = fedmerge.apply_transform(sds[1], fedmerge.relaxed_spec(spec), rot)
+    add("orthogonal-kept", "orthogonal, rotations kept (BatchNorm rotated; refused by fedmerge)", kept)
+    add("orthogonal+slerp", "orthogonal + SLERP",
+        fedmerge.apply_transform(sds[1], spec, fedmerge.transforms.pairwise_map(ts, 1, 0)), slerp=True)
+    table = markdown_table(
+        [{"label": r["label"], "barrier": f"{r['barrier']:.3f}", "acc": _pct(r["acc"]), "cka": f"{r['cka']:.3f}",
+          "cycle": None if r["cycle"] is None else f"{r['cycle']:.2g}",
+          "pcycle": None if r["pairwise_cycle"] is None else f"{r['pairwise_cycle']:.3g}",
+          "rme": None if r["rme"] is None else f"{r['rme']:.3g}",
+          "paper": " / ".join(r["paper"])} for r in rows],
+        [("label", "method"), ("barrier", "max loss (barrier)"), ("acc", "midpoint acc"), ("cka", "CKA"),
+         ("cycle", "E_cycle 0→1→2→0"), ("pcycle", "E_cycle pairwise"), ("rme", "RME"),
+         ("paper", "paper: barrier / acc / CKA / cycle / RME (CIFAR-10)")])
+    head = (f"Three BatchNorm ResNet-20s (width {width:g}) on MNIST ({args.resnet_epochs} epochs SGD 0.05, momentum "
+            f"0.9, first {args.resnet_train_size} training images); endpoint accuracy "
+            f"{', '.join(_pct(a) for a in ends)} on the first 2000 test images (all rows); interpolation between "
+            "models 0 and 1; calibration: 2000 training images.")
+    return head + "\n\n" + table, rows
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if args.smoke:
+        args.train_size, args.epochs, args.calibration, args.resnet_train_size = 2000, 1, 500, 500
+        args.resnet_epochs = 1
+    ensure_stdout_utf8()
+    set_threads(args.threads)
+    env = environment(MODULE, argv)
+    train = load_dataset("mnist", train=True)
+    test = load_dataset("mnist", train=False)
+    calib = train.images[-args.calibration:]  # held out from the first train_size images where possible
+    tables, results = {}, {}
+    if "mlp" in args.tables:
+        tables["mlp"], results["mlp"] = mlp_table(args, train, test, calib)
+    if "spherical" in args.tables:
+        tables["spherical"], results["spherical"] = spherical_table(args, train, test)
+    if "resnet" in args.tables:
+        tables["resnet"], results["resnet"] = resnet_table(args, train, test, calib)
+    print()
+    print(format_environment(env))
+    for key, text in tables.items():
+        print()
+        print(text)
+    notes = ["E_res is Eq. 1 of the MNIST orthogonal paper divided by ||ReLU(A) Q||_F (relative), the mean over "
+             "hidden layers; the sign-change share is our reading (the paper gives no formula): the share of entries "
+             "where the ReLU gates of A Q and ReLU(A) Q disagree (fedmerge.alignment_metrics)."]
+    result = {"benchmark": "orthogonal", "environment": env, "config": vars(args), "tables": tables,
+              "results": results, "notes": notes}
+    return finish(result, notes, args.out)
+
+
+if __name__ == "__main__":
+    main()
