@@ -1,7 +1,8 @@
 """The public entry points: :func:`match` (align) and :func:`merge` (align, then average, then repair).
 
 Both are pure functions over lists of state_dicts plus a :class:`~fedmerge.spec.SymmetrySpec`;
-``model`` (a template ``nn.Module``) is only used to derive the spec.  Every input is validated
+``model`` (a template ``nn.Module``) derives the spec, runs the repair stage's forward passes and
+is handed to an aligner that takes a ``model`` argument (activation-based alignment).  Every input is validated
 before any work, and errors name the model index and the key.
 
 Merging is a pipeline of three stages, each a registered name or a callable, in the manner of
@@ -19,6 +20,7 @@ Merging is a pipeline of three stages, each a registered name or a callable, in 
 
 from __future__ import annotations
 
+import inspect
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -147,11 +149,21 @@ def match(state_dicts: Sequence[StateDict], spec: SymmetrySpec | None = None,
     name, aligner = _stage("identity" if method is None else method, ALIGNERS, "method")
     spec = _resolve_spec(spec, model)
     check_state_dicts(state_dicts, spec)
-    return _align(_on_one_device(state_dicts), spec, name, aligner, user=callable(method), callback=callback,
+    return _align(_on_one_device(state_dicts), spec, name, aligner, user=callable(method), model=model,
+                  callback=callback,
                   progress=progress, options=options)
 
 
+def _takes_model(aligner: Callable) -> bool:
+    """Whether an aligner has a ``model`` parameter (activation-based ones run the template)."""
+    try:
+        return "model" in inspect.signature(aligner).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def _align(state_dicts: list[dict[str, torch.Tensor]], spec: SymmetrySpec, name: str, aligner: Callable, *,
+           model: torch.nn.Module | None = None,
            user: bool, callback: Callback | None, progress: bool, options: Mapping[str, Any]) -> MatchResult:
     """The alignment stage on validated models, all on one device (what :func:`match` returns)."""
     n = len(state_dicts)
@@ -164,6 +176,8 @@ def _align(state_dicts: list[dict[str, torch.Tensor]], spec: SymmetrySpec, name:
             out = identity_matching(state_dicts, spec)
             out["message"] = "a single model: nothing to align"
         else:
+            if model is not None and "model" not in options and _takes_model(aligner):
+                options = {**options, "model": model}  # the template of merge/match, for activation passes
             out = aligner(state_dicts, spec, callback=chain(callback, bar), **options)
     finally:
         if bar is not None:
@@ -227,7 +241,9 @@ def merge(state_dicts: Sequence[StateDict], *, align: str | Callable | None = "c
     weights:
         Per-model weights (e.g. client sample counts), normalised to sum to one; uniform if None.
     spec, model:
-        The symmetry spec, or a template module to derive it from (not needed for ``align=None``).
+        The symmetry spec, or a template module to derive it from (not needed for ``align=None``);
+        ``model`` also runs REPAIR's forward passes and goes to an aligner that takes one
+        (``align="orthogonal"`` with ``align_options={"inputs": x}``).
     align_options, average_options, repair_options:
         Options of each stage, passed to that stage only.  Keyword ``**options`` are shorthand for
         ``align_options`` (``merge(sds, max_iter=50)``); give one or the other.
@@ -273,7 +289,7 @@ def merge(state_dicts: Sequence[StateDict], *, align: str | Callable | None = "c
         aligned = list(state_dicts)
     else:
         state_dicts = _on_one_device(state_dicts)
-        result = _align(state_dicts, spec, align_name, aligner, user=callable(align), callback=callback,
+        result = _align(state_dicts, spec, align_name, aligner, user=callable(align), model=model, callback=callback,
                         progress=progress, options=align_options)
         aligned = [apply_transform(sd, spec, t, check=False) for sd, t in zip(state_dicts, result.transforms)]
     stage_seconds["align"] = time.perf_counter() - start

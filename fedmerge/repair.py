@@ -382,7 +382,8 @@ def _cumulative_momentum(model: nn.Module) -> Iterator[list[str]]:
             m.momentum = momentum
 
 
-def reset_batchnorm(model: nn.Module, state_dict: StateDict, inputs: torch.Tensor | Iterable) -> dict[str, torch.Tensor]:
+def reset_batchnorm(model: nn.Module, state_dict: StateDict,
+                    inputs: torch.Tensor | Iterable) -> dict[str, torch.Tensor]:
     """RESET: the state_dict with every BatchNorm's running statistics re-estimated on ``inputs``.
 
     Equal to a fresh statistics pass in torch: statistics reset, train mode (BatchNorm only),

@@ -278,7 +278,8 @@ def make_config(parser: argparse.ArgumentParser, args: argparse.Namespace,
     from simulations.task import build_global_model, client_partitions
 
     if args.max_iter and args.strategy == "fedavg":
-        parser.error("--max-iter sets the matching of git-rebasin, mergemany, c2m3 and orthogonal; fedavg does no matching")
+        parser.error("--max-iter sets the matching of git-rebasin, mergemany, c2m3 and orthogonal; "
+                     "fedavg does no matching")
     if args.ray_address and (args.ray_num_cpus or args.ray_num_gpus):
         parser.error("--ray-num-cpus/--ray-num-gpus declare the resources of a private Ray instance; with "
                      "--ray-address each node declares its own (`ray start --num-cpus N --num-gpus N`)")

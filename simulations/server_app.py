@@ -70,7 +70,8 @@ def make_strategy(config: Mapping[str, Any]) -> Strategy:
         raise ValueError(f"unknown strategy {name!r}; choose one of {', '.join(sorted(STRATEGIES))}") from None
     kwargs = fedavg_kwargs(config)
     average = str(config.get("average", DEFAULTS["average"]))
-    if not issubclass(cls, MergingStrategy) and (average != "mean" or ClientConfig.from_mapping(config).repair != "none"):
+    repair = ClientConfig.from_mapping(config).repair
+    if not issubclass(cls, MergingStrategy) and (average != "mean" or repair != "none"):
         # FedAvg with fedmerge's averaging or repair stage: the merging strategy without alignment
         cls = MergingStrategy
     if issubclass(cls, MergingStrategy):

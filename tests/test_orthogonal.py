@@ -195,9 +195,11 @@ def test_activation_based_procrustes_undoes_a_hidden_rotation_from_calibration_i
     sd = net.state_dict()
     rotated = fedmerge.apply_transform(sd, spec, fedmerge.random_transform(spec, 2))
     x = torch.randn(200, 20, generator=_gen(4))
-    # match()/merge() keep their own model= (to derive the spec): give the aligner its own in align_options
-    merged = fedmerge.merge([sd, rotated], spec=spec, align="orthogonal", align_options={"inputs": x, "model": net})
+    # merge()/match() hand their model= to an aligner that takes one
+    merged = fedmerge.merge([sd, rotated], model=net, align="orthogonal", align_options={"inputs": x})
     assert _max_diff(merged, sd) < 1e-4
+    matched = fedmerge.match([sd, rotated], model=net, method="orthogonal", inputs=x)
+    assert _max_diff(fedmerge.apply_transform(rotated, spec, matched.transforms[1]), sd) < 1e-4
     result = orthogonal_matching([sd, rotated], spec, inputs=x, model=net)
     # the same from an iterable of (inputs, targets) batches
     batches = [(x[i:i + 64], torch.zeros(len(x[i:i + 64]))) for i in range(0, 200, 64)]

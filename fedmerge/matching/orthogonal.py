@@ -376,7 +376,8 @@ def orthogonal_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec:
         raise ValueError(f"tol must be >= 0, got {tol!r}")
     if inputs is not None and model is None:
         raise ValueError("inputs= (activation-based Procrustes) needs model=, the module the inputs run through "
-                         "(through fedmerge.merge/match: align_options={'inputs': ..., 'model': ...})")
+                         "(merge/match pass theirs: merge(sds, model=m, align='orthogonal', "
+                         "align_options={'inputs': x}))")
     if inputs is not None and not isinstance(model, nn.Module):
         raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
     if stiefel_options is not None and solver != "stiefel":
