@@ -122,6 +122,7 @@ class MergingStrategy(FedAvg):
         self.repair_inputs = repair_inputs
         self.repair_options: dict[str, Any] = dict(repair_options or {})
         self._repair_points = find_repair_points(model, spec) if repair == "federated" else []
+        self._repair_sizes = fr.point_sizes(model, self._repair_points) if self._repair_points else {}
         self._global: ArrayRecord | None = None  # the arrays sent in the current round
         self._grid: Grid | None = None  # kept for the repair query inside aggregate_train
         self._train_config: ConfigRecord | None = None
@@ -206,8 +207,7 @@ class MergingStrategy(FedAvg):
                           transforms: list) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Targets from the clients' own statistics, one query for the merged model's, then the fold."""
         start = time.perf_counter()
-        points = self._repair_points
-        sizes = fr.point_sizes(self.model, points)
+        points, sizes = self._repair_points, self._repair_sizes
         endpoint, used_transforms, sent = [], [], {}
         for update, transform in zip(updates, transforms):
             record = update.content.array_records.get(fr.STATS_KEY)
