@@ -68,12 +68,16 @@ def solve_lap_groups(scores: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
     solves one LAP per model and group, of as many sizes as there are groups).
     """
     start = time.perf_counter()
-    arrays = {g: s.detach().double().cpu().numpy() for g, s in scores.items()}
+    # no float64 copy of whole batches: each matrix is converted in the thread that solves it
+    arrays = {g: s.detach().cpu().numpy() for g, s in scores.items()}
+
+    def solve(job):
+        return _solve(np.asarray(arrays[job[0]][job[1]], dtype=np.float64))
     jobs = sorted(((g, i) for g, a in arrays.items() for i in range(len(a))), key=lambda j: -arrays[j[0]].shape[1])
     if len(jobs) == 1:
-        solved = [_solve(arrays[jobs[0][0]][jobs[0][1]])]
+        solved = [solve(jobs[0])]
     else:
-        solved = list(_pool().map(lambda job: _solve(arrays[job[0]][job[1]]), jobs))
+        solved = list(_pool().map(solve, jobs))
     out = {g: np.empty((len(a), a.shape[1]), dtype=np.int64) for g, a in arrays.items()}
     for (g, i), perm in zip(jobs, solved):
         out[g][i] = perm

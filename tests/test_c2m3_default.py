@@ -228,3 +228,80 @@ def test_default_recovers_permuted_copies_of_torchvision_models(name, count):
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     _assert_same_function(make(), merged, base, x)
     assert result.converged and result.cycle_error == 0.0
+
+
+def test_block_ascent_updates_match_a_fresh_start_and_a_fixed_point_costs_no_lap():
+    """The refinement updates U, the float64 sum and its float32 copy in place, on the moved units
+    only; after many accepted steps they equal those of a fresh start at the same permutations, every
+    step raised the objective, and once a sweep changes nothing the next one solves no LAP (every
+    block's inputs are unchanged since it was last solved)."""
+    from fedmerge.matching._stack import BlockAscent, Stack
+    make = lambda: MLP((64,), 10, widths=(32, 24))  # noqa: E731
+    models = [_model(make, seed=s).state_dict() for s in range(4)]
+    spec = make().permutation_spec()
+    stack = Stack.from_state_dicts(models, spec)
+    ascent = BlockAscent(stack, {g: torch.arange(d).expand(4, -1).clone() for g, d in spec.sizes.items()})
+    objectives, accepted = [ascent.objective()], 0
+    for _ in range(50):
+        changed = 0
+        for p in range(4):
+            for g in spec.sizes:
+                changed += ascent.step(p, g)
+                objectives.append(ascent.objective())
+        accepted += changed
+        if not changed:
+            break
+    assert changed == 0 and accepted > 4
+    assert all(b > a or b == a for a, b in zip(objectives, objectives[1:]))
+    fresh = BlockAscent(stack, ascent.perms)
+    for k in stack.weights:
+        assert torch.equal(ascent.u[k], fresh.u[k])
+        torch.testing.assert_close(ascent.total[k], fresh.total[k], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(ascent.total32[k], fresh.total32[k], rtol=1e-6, atol=1e-7)
+    laps = ascent.laps
+    assert not any(ascent.step(p, g) for p in range(4) for g in spec.sizes)
+    assert ascent.laps == laps
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_soft_and_hard_contractions_match_a_dense_reference(axis):
+    """The gathers and sparse gather-adds that map models into the universe equal ``P^T @ M`` along
+    the axis, on every axis of a stacked conv-like weight (units leading, in the middle, last)."""
+    from fedmerge.matching import _stack
+    gen = torch.Generator().manual_seed(axis)
+    n, shape = 3, (6, 5, 4)
+    t = torch.randn(n, *shape, generator=gen)
+    d = shape[axis]
+    perm = torch.stack([torch.randperm(d, generator=gen) for _ in range(n)])
+    hard = torch.zeros(n, d, d).scatter_(1, perm.unsqueeze(1), 1.0)  # hard[p, perm[p, i], i] = 1
+
+    def dense(matrix):  # P^T along the axis, moved to the front and back
+        moved = t.movedim(axis + 1, 1)
+        return torch.einsum("nki,nk...->ni...", matrix, moved).movedim(1, axis + 1)
+    assert torch.equal(_stack.contract_hard(t, axis, perm), dense(hard))
+    other = torch.stack([torch.randperm(d, generator=gen) for _ in range(n)])
+    soft = 0.75 * hard + 0.25 * torch.zeros(n, d, d).scatter_(1, other.unsqueeze(1), 1.0)
+    for density in (1.0, 0.0):  # the sparse gather-add and the dense product
+        old = _stack.SPARSE_DENSITY
+        _stack.SPARSE_DENSITY = density
+        try:
+            got = _stack.SoftPermutation(soft).apply(t, axis)
+        finally:
+            _stack.SPARSE_DENSITY = old
+        torch.testing.assert_close(got, dense(soft), rtol=1e-6, atol=1e-6)
+
+
+def test_the_start_reports_each_placed_model_and_a_callback_can_stop_it():
+    from fedmerge.progress import STOPPED
+    model = _model(lambda: MLP((64,), 10, widths=(37, 23)), seed=1)
+    spec, base, copies = _copies(model, 4, seed=100)
+    seen = []
+    done = fedmerge.match(copies, spec, method="c2m3", callback=lambda info: seen.append((info.phase, info.nit)))
+    assert seen == [("start", 1), ("start", 2), ("start", 3), ("frank-wolfe", 1)]  # the confirming iteration
+    assert done.converged and done.nit == 1 and done.history[-1] == done.history[0]  # step size 0
+    quick = fedmerge.match(copies, spec, method="c2m3", confirm=False)  # the certificate alone
+    assert quick.nit == 0 and quick.converged and quick.objective == done.objective
+    assert all(torch.equal(a[g], b[g]) for a, b in zip(quick.perms, done.perms) for g in spec.sizes)
+    stopped = fedmerge.match(copies, spec, method="c2m3", callback=lambda info: info.nit >= 2)
+    assert stopped.message == STOPPED and not stopped.converged and stopped.nit == 0
+    assert stopped.objective < done.objective  # model 3 was not placed

@@ -43,7 +43,7 @@ from ..assignment import solve_lap_groups
 from ..progress import STOPPED, Callback, report
 from ..spec import SymmetrySpec
 from ._stack import (BlockAscent, SoftPermutation, Stack, contract_hard, linear_term, pair_objective,
-                     unstack_permutations)
+                     sum_pairs, unstack_permutations)
 
 __all__ = ["c2m3_matching"]
 
@@ -70,7 +70,8 @@ def _best_step(poly: np.ndarray) -> tuple[float, float]:
 def c2m3_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec: SymmetrySpec, *,
                   max_iter: int = 200, tol: float = 1e-6, patience: int = 5,
                   factorize: bool | None = None, init: str | None = None, refine: bool | int | None = None,
-                  paper: bool = False, seed: int | None = 0, callback: Callback | None = None) -> dict:
+                  paper: bool = False, confirm: bool = True, seed: int | None = 0,
+                  callback: Callback | None = None) -> dict:
     """Match ``n >= 2`` models into a common space by maximising C²M³'s objective (Eq. 4).
 
     By default: a sequential match that certifies permuted copies (see ``init``), otherwise C²M³'s
@@ -107,10 +108,9 @@ def c2m3_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec: Symme
         passes) and added to that sum.  If every model then coincides with the placed ones in the
         universe, Eq. 4 equals its Cauchy-Schwarz bound ``sum_{p<q} ||U_p|| ||U_q||`` (norms do not
         depend on the permutations): a certified global optimum, returned as it is (permuted
-        copies of one model end here).  At the first model that does not, it gives up (having
-        spent a few LAPs on one model) and Frank-Wolfe starts from identity matrices as in the
-        paper.  A certified start still runs one Frank-Wolfe iteration, which finds no ascent
-        direction (step size 0).  ``"identity"``: the paper's start, always.  ``"sequential"``: the full sequential
+        copies of one model end here; see ``confirm``).  At the first model that does not, it
+        gives up (having spent a few LAPs on one model) and Frank-Wolfe starts from identity
+        matrices as in the paper.  ``"identity"``: the paper's start, always.  ``"sequential"``: the full sequential
         match (each model until a pass changes nothing) as Frank-Wolfe's start; Frank-Wolfe rarely
         leaves such a vertex, and on independently trained MLPs this ends lower than the
         identity start; the rounded Frank-Wolfe result replaces the start only if it scores at
@@ -123,13 +123,20 @@ def c2m3_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec: Symme
         nothing — a fixed point: no single permutation can be improved (at most 1000 sweeps); an
         integer caps the sweeps, ``0``/``False`` turns it off.  Maps stay factorised, so cycle
         consistency is kept.  Not in the paper.
+    confirm:
+        After a certified start, run one Frank-Wolfe iteration (default ``True``), which finds step
+        size 0: the certificate also bounds the relaxation (doubly-stochastic maps do not increase
+        norms), so it cannot find ascent.  ``False`` returns the certified start with ``nit == 0``;
+        the iteration costs one gradient, i.e. about one weight-matching sweep of every model (on
+        VGG-11's 25088×4096 classifier, minutes on a 2-core CPU).
     paper:
         ``True``: the paper's algorithm, i.e. ``init="identity", refine=0``; giving another
         ``init`` or ``refine`` with it is an error.
     callback:
-        Called after every Frank-Wolfe iteration (phase ``"frank-wolfe"``, with ``objective`` and ``step``)
-        and every refinement sweep (phase ``"refinement"``, with ``changed``); see
-        :mod:`fedmerge.progress`.
+        Called after every model the start places (phase ``"start"``; only once it coincides with
+        the placed ones for ``"auto"``), every Frank-Wolfe iteration (phase ``"frank-wolfe"``, with
+        ``objective`` and ``step``) and every refinement sweep (phase ``"refinement"``, with
+        ``changed``); see :mod:`fedmerge.progress`.
 
     Frank-Wolfe runs over permutation matrices (the Birkhoff polytope), so groups of another
     kind (signed-permutation, orthogonal) are aligned by permutations only — a subgroup of every
@@ -192,7 +199,7 @@ def c2m3_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec: Symme
         # "auto" gives up as soon as a model does not coincide with the placed ones (Cauchy-Schwarz bound)
         placer = BlockAscent(stack, start, active=torch.arange(n) == 0)
         certified = init == "auto"
-        for p in range(1, n):  # not reported to the callback: its first report is Frank-Wolfe's first iteration
+        for p in range(1, n):
             placer.match_model(p, [groups[i] for i in rng.permutation(len(groups))],
                                max_sweeps=_AUTO_SWEEPS if init == "auto" else 100)
             if init == "auto":
@@ -201,15 +208,21 @@ def c2m3_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec: Symme
                     certified = False
                     break
             placer.activate(p)
+            # reported once a model is placed (phase "start"): on independent models "auto" gives up
+            # before, and the first report is Frank-Wolfe's first iteration
+            if report(callback, method="c2m3", phase="start", nit=p, max_iter=n - 1):
+                stopped, certified, start = True, False, placer.perms
+                break
         laps = placer.laps
         if init == "sequential" or certified:
             start = placer.perms
             messages.append(f"sequential start ({laps} LAPs)")
-    start_objective = pair_objective(stack, start)
+    start_objective = pair_objective(stack, start) if init == "sequential" or certified else None
     if certified:
         messages.append("every model coincides with model 0 in the universe: Eq. 4 equals its Cauchy-Schwarz "
                         "bound sum_{p<q} ||U_p|| ||U_q||, a global optimum (permuted copies)")
-        max_iter, sweeps_cap = min(max_iter, 1), 0  # one Frank-Wolfe iteration confirms it: step size 0
+        # nothing can improve a global optimum: no refinement, and Frank-Wolfe only to confirm it (step size 0)
+        max_iter, sweeps_cap = (min(max_iter, 1) if confirm else 0), 0
     elif init == "auto":
         messages.append(f"no sequential match ({laps} LAPs): Frank-Wolfe from identity matrices")
 
@@ -268,7 +281,7 @@ def c2m3_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec: Symme
                     f"'mergemany' and 'git-rebasin' search each group's own kind)")
     return {
         "transforms": perms,
-        "objective": pair_objective(stack, hard),
+        "objective": start_objective if hard is start and start_objective is not None else pair_objective(stack, hard),
         "nit": nit,
         "converged": converged,
         "message": message,
@@ -289,9 +302,12 @@ def _frank_wolfe(stack: Stack, soft: dict[str, torch.Tensor], free: torch.Tensor
     converged, stopped = False, False
     message = f"reached max_iter={max_iter}"
     nit = 0
+    grads = {g: torch.empty(n, sizes[g], sizes[g], device=dev) for g in groups}  # reused: no new pages per iteration
+    every = len(free) == n
     for nit in range(1, max_iter + 1):
         # ---- gradient: per entry, the model mapped on all but one axis, against S - U_p
-        grads = {g: torch.zeros(n, sizes[g], sizes[g], device=dev) for g in groups}
+        for g in groups:
+            grads[g].zero_()
         apply = {g: SoftPermutation(soft[g]).apply for g in groups}
         partial: dict[str, dict] = {}
         for key, axes in stack.axes.items():
@@ -306,17 +322,22 @@ def _frank_wolfe(stack: Stack, soft: dict[str, torch.Tensor], free: torch.Tensor
             a0, g0 = axes[0]
             u = apply[g0](cache[frozenset(b for b, _ in axes if b != a0)], a0)
             cache[frozenset(b for b, _ in axes)] = u
-            others = u.sum(0, keepdim=True) - u
-            for a, g in axes:
-                v = cache[frozenset(b for b, _ in axes if b != a)]
-                grads[g] += linear_term(v, others, a, sizes[g])
+            total = u.sum(0, keepdim=True)
+            size = max(1, min(n, _CHUNK // max(u[0].numel(), 1)))
+            for lo in range(0, n, size):  # the sum of the other models, a chunk of models at a time
+                hi = min(n, lo + size)
+                others = total - u[lo:hi]
+                for a, g in axes:
+                    v = cache[frozenset(b for b, _ in axes if b != a)][lo:hi]
+                    linear_term(v, others, a, sizes[g], out=grads[g][lo:hi])
+                del others
             partial[key] = cache
         if obj is None:
             obj = _relaxed_objective(stack, partial)
             history.append(obj)
 
         # ---- linear maximisation oracle: one LAP per free model and group
-        solved = solve_lap_groups({g: grads[g][free] for g in groups})
+        solved = solve_lap_groups({g: grads[g] if every else grads[g][free] for g in groups})
         vertex = {}
         for g in groups:
             idx = eye_idx[g].clone()
@@ -366,12 +387,7 @@ def _add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _relaxed_objective(stack: Stack, partial: Mapping[str, dict]) -> float:
-    total = 0.0
-    for key, axes in stack.axes.items():
-        u = partial[key][frozenset(a for a, _ in axes)].reshape(stack.n, -1).double()
-        s = u.sum(0)
-        total += float((s @ s - (u * u).sum()) / 2)
-    return total
+    return sum(sum_pairs(partial[key][frozenset(a for a, _ in axes)]) for key, axes in stack.axes.items())
 
 
 def _step_polynomial(stack: Stack, key: str, axes, cache: Mapping[frozenset, torch.Tensor],
@@ -386,45 +402,69 @@ def _step_polynomial(stack: Stack, key: str, axes, cache: Mapping[frozenset, tor
     all_axes = [a for a, _ in axes]
     group_of = dict(axes)
     k = len(all_axes)
-    m: dict[frozenset, torch.Tensor] = {}
-    for r in range(k + 1):
-        for subset in itertools.combinations(all_axes, r):
-            rest = frozenset(a for a in all_axes if a not in subset)
-            x = cache.get(rest)
-            if x is None:  # more than two permuted axes: build the partial map directly
-                x = stack.weights[key]
-                for b in rest:
-                    x = apply[group_of[b]](x, b)
-            for a in subset:
-                x = contract_hard(x, a, vertex[group_of[a]])
-            m[frozenset(subset)] = x
     n = stack.n
-    c = torch.empty(n, k + 1, m[frozenset()].numel() // n, device=stack.device)
-    u = m[frozenset()].reshape(n, -1)
-    c[:, 0] = u
-    if k == 1:
-        torch.sub(m[frozenset(all_axes)].reshape(n, -1), u, out=c[:, 1])
-    elif k == 2:
-        a, b = all_axes
-        na = m[frozenset([a])].reshape(n, -1).sub_(u)  # D on a, P on b
-        nb = m[frozenset([b])].reshape(n, -1).sub_(u)
-        torch.add(na, nb, out=c[:, 1])
-        # D on both: M_ab - M_a - M_b + U = M_ab - U - (na + nb)
-        torch.sub(m[frozenset(all_axes)].reshape(n, -1), u, out=c[:, 2]).sub_(c[:, 1])
-    else:  # general inclusion-exclusion
-        for r in range(1, k + 1):
-            acc = torch.zeros_like(u)
-            for subset in itertools.combinations(all_axes, r):
-                for q in range(r + 1):
-                    for sub in itertools.combinations(subset, q):
-                        acc.add_(m[frozenset(sub)].reshape(n, -1), alpha=(-1) ** (r - q))
-            c[:, r] = acc
-    # Gram matrices with BLAS in float32: the cancellations (M_a - U, ...) happened element-wise above
-    per_model = torch.bmm(c, c.transpose(1, 2)).double().sum(0)
-    summed = c.sum(0)
+    numel = stack.weights[key][0].numel()
+    # models in chunks of about _CHUNK entries (all at once beyond two axes): the (k+1) coefficient
+    # tensors of a chunk are what is held at once, not (k+1) more copies of all n models
+    size = n if k > 2 else max(1, min(n, _CHUNK // max(numel * (k + 1), 1)))
+    per_model = torch.zeros(k + 1, k + 1, dtype=torch.float64, device=stack.device)
+    summed = torch.zeros(k + 1, numel, device=stack.device)
+    for lo in range(0, n, size):
+        hi = min(n, lo + size)
+        c = _coefficients(stack, key, all_axes, group_of, cache, vertex, apply, lo, hi)
+        # Gram matrices with BLAS in float32: the cancellations (M_a - U, ...) happened element-wise
+        per_model += torch.bmm(c, c.transpose(1, 2)).double().sum(0)
+        summed += c.sum(0)
+        del c
     gram = ((summed @ summed.T).double() - per_model).cpu().numpy() / 2
     poly = np.zeros(2 * k + 1)
     for j in range(k + 1):
         for l in range(k + 1):
             poly[j + l] += gram[j, l]
     return poly
+
+
+#: Entries per chunk of models in the line search's coefficient tensors.
+_CHUNK = 1 << 26
+
+
+def _coefficients(stack: Stack, key: str, all_axes, group_of, cache, vertex, apply, lo: int, hi: int) -> torch.Tensor:
+    """``c[p, j]`` (models ``lo..hi-1``): the coefficient of ``t^j`` in ``U_p(t)``, flattened."""
+    k = len(all_axes)
+    whole = lo == 0 and hi == stack.n
+    m: dict[frozenset, torch.Tensor] = {}
+    for r in range(k + 1):
+        for subset in itertools.combinations(all_axes, r):
+            rest = frozenset(a for a in all_axes if a not in subset)
+            x = cache.get(rest)
+            if x is None:  # more than two permuted axes: build the partial map directly (all models)
+                x = stack.weights[key]
+                for b in rest:
+                    x = apply[group_of[b]](x, b)
+            if not whole:
+                x = x[lo:hi]
+            for a in subset:
+                x = contract_hard(x, a, vertex[group_of[a]][lo:hi])
+            m[frozenset(subset)] = x
+    count = hi - lo
+    u = m[frozenset()].reshape(count, -1)
+    c = torch.empty(count, k + 1, u.shape[1], device=stack.device)
+    c[:, 0] = u
+    if k == 1:
+        torch.sub(m[frozenset(all_axes)].reshape(count, -1), u, out=c[:, 1])
+    elif k == 2:
+        a, b = all_axes
+        na = m[frozenset([a])].reshape(count, -1).sub_(u)  # D on a, P on b (fresh gathers: in place)
+        nb = m[frozenset([b])].reshape(count, -1).sub_(u)
+        torch.add(na, nb, out=c[:, 1])
+        # D on both: M_ab - M_a - M_b + U = M_ab - U - (na + nb)
+        torch.sub(m[frozenset(all_axes)].reshape(count, -1), u, out=c[:, 2]).sub_(c[:, 1])
+    else:  # general inclusion-exclusion
+        for r in range(1, k + 1):
+            acc = torch.zeros_like(u)
+            for subset in itertools.combinations(all_axes, r):
+                for q in range(r + 1):
+                    for sub in itertools.combinations(subset, q):
+                        acc.add_(m[frozenset(sub)].reshape(count, -1), alpha=(-1) ** (r - q))
+            c[:, r] = acc
+    return c
