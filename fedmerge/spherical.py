@@ -22,6 +22,15 @@ vector (``granularity="model"``).  Per tensor is the default because tensors dif
 orders of magnitude: on one flattened vector the largest layers fix the angle and the direction
 of a small layer is averaged with weights it did not choose, and its norm is not restored.
 
+Which norm.  Restoring the weighted mean of the norms treats the models as equally good points
+at one radius and the barycenter as another; that holds when their directions are close.  When
+they are far apart (aligned but barely correlated models: pairwise cosines of 0.06–0.2 per hidden
+tensor for 20 one-shot clients in BENCHMARKS.md (f)) the components that differ between models
+cancel in the barycenter's direction, and rescaling it to a model's norm amplifies what they share
+— by 2–3× per hidden layer, compounding through a ReLU network (logits 18× the clients').
+``restore_norm="projection"`` (the averager ``"spherical-projection"``: ``merge(average=...)``,
+``--average``) gives the direction the models' mean length along it instead.
+
 Where a direction is undefined the linear mean is used instead: tensors of one entry, and tensors
 that are zero in some model.  Directions that cancel (antipodal, or summing to zero) have no
 spherical mean and are refused with an error naming the entry.
@@ -36,10 +45,13 @@ import torch
 
 from .validation import check_state_dicts, normalize_weights
 
-__all__ = ["slerp", "karcher_mean", "nlerp", "spherical_average", "SOLVERS", "GRANULARITIES"]
+__all__ = ["slerp", "karcher_mean", "nlerp", "spherical_average", "spherical_projection_average", "SOLVERS",
+           "GRANULARITIES", "NORMS"]
 
 SOLVERS = ("karcher", "trust-regions")
 GRANULARITIES = ("tensor", "model")
+#: ``restore_norm`` of :func:`spherical_average`: True and "mean" (the weighted mean of the norms), "projection", False.
+NORMS = (True, "mean", "projection", False)
 
 
 def _unit(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,10 +229,17 @@ def spherical_average(state_dicts: Sequence[Mapping[str, torch.Tensor]],
     ``"model"`` flattens all floating-point entries into one vector, as the paper does, and rescales
     that to the weighted mean norm.  Integer entries (BatchNorm's counter) keep the largest value,
     as in :func:`fedmerge.averaging.weighted_average`.  ``solver="trust-regions"`` uses pymanopt.
-    ``restore_norm=False`` returns the unit-norm barycenter itself (per tensor, or for the whole
-    model with ``granularity="model"``, the paper's recipe): only for reproducing that recipe, since
-    a network with biases does not compute the same function at another scale.
+    ``restore_norm``: the norm given to the barycenter direction ``p``.  ``True`` or ``"mean"``
+    (default): the weighted mean of the models' norms (SLERP's rule for two).  ``"projection"``:
+    ``sum_i w_i <x_i, p>``, the models' weighted mean length along ``p`` — the norm of the linear
+    mean when ``p`` is its direction, so it shrinks as the directions spread; use it for models
+    whose aligned directions are far apart (one-shot merges of independently trained models, see
+    "Which norm" in the module docstring).  ``False``: the unit-norm barycenter itself (per tensor,
+    or for the whole model with ``granularity="model"``, the paper's recipe): only for reproducing
+    that recipe, since a network with biases does not compute the same function at another scale.
     """
+    if restore_norm not in NORMS:
+        raise ValueError(f"restore_norm={restore_norm!r}: choose one of True ('mean'), 'projection' or False")
     if granularity not in GRANULARITIES:
         raise ValueError(f"unknown granularity {granularity!r}; choose one of {', '.join(GRANULARITIES)}")
     if solver not in SOLVERS:
@@ -242,9 +261,12 @@ def spherical_average(state_dicts: Sequence[Mapping[str, torch.Tensor]],
             out = _slerp_rows(x[0], x[1], t)
         else:
             out = _mean(tensors, w, tol=tol, max_iter=max_iter, solver=solver, name=name)[0].double()
-        if not restore_norm:
+        if restore_norm is not True and restore_norm != "mean":
             norm = torch.linalg.vector_norm(out)
             out = out / norm if norm > 0 else out
+            if restore_norm == "projection" and norm > 0:
+                x, wt = _stack(tensors, w)
+                out = out * (wt @ (x @ out.reshape(-1)))  # sum_i w_i <x_i, p>: the models' mean length along p
         return out.reshape(tensors[0].shape).to(tensors[0].dtype)
 
     if granularity == "tensor":
@@ -263,3 +285,17 @@ def spherical_average(state_dicts: Sequence[Mapping[str, torch.Tensor]],
             out[k] = merged[start:start + n].reshape(first[k].shape).to(first[k].dtype)
             start += n
     return {k: out[k] for k in first}
+
+
+def spherical_projection_average(state_dicts: Sequence[Mapping[str, torch.Tensor]],
+                                 weights: Sequence[float] | torch.Tensor | None = None,
+                                 **options: Any) -> dict[str, torch.Tensor]:
+    """The ``"spherical-projection"`` averager: :func:`spherical_average` with ``restore_norm="projection"``.
+
+    The barycenter's direction with the models' weighted mean length along it: for models whose
+    aligned directions are far apart (one-shot merges of independently trained models), where
+    restoring the mean of the norms inflates the network (module docstring, "Which norm").
+    """
+    if "restore_norm" in options:
+        raise TypeError("spherical-projection fixes restore_norm='projection'; use average='spherical' to choose it")
+    return spherical_average(state_dicts, weights, restore_norm="projection", **options)

@@ -154,3 +154,40 @@ def test_undefined_spherical_means_are_refused_with_the_entry_named():
     # a one-entry tensor or a zero tensor has no direction: the linear mean
     assert torch.allclose(karcher_mean([torch.tensor([2.0]), torch.tensor([-1.0])]), torch.tensor([0.5]))
     assert torch.allclose(karcher_mean([torch.zeros(2), torch.tensor([2.0, 2.0])]), torch.tensor([1.0, 1.0]))
+
+
+def test_projection_norm_is_the_models_mean_length_along_the_barycenter_and_shrinks_with_spread():
+    xs = _points(5, dim=40, seed=11, spread=2.0)
+    w = [0.1, 0.15, 0.2, 0.25, 0.3]
+    sds = [{"x": x} for x in xs]
+    restored = spherical_average(sds, w)["x"]
+    projected = spherical_average(sds, w, restore_norm="projection")["x"]
+    p = restored / restored.norm()
+    assert torch.allclose(projected / projected.norm(), p, atol=1e-12)  # the same direction
+    along = sum(wi * float(x @ p) for wi, x in zip(w, xs))
+    assert float(projected.norm()) == pytest.approx(along, rel=1e-10)
+    # spread directions: shorter than the mean of the norms (Cauchy-Schwarz), near the linear mean's norm
+    mean_norm = sum(wi * float(x.norm()) for wi, x in zip(w, xs))
+    linear = sum(wi * x for wi, x in zip(w, xs))
+    assert float(projected.norm()) < 0.9 * mean_norm
+    assert float(projected.norm()) == pytest.approx(float(linear.norm()), rel=0.05)
+    # two models of one norm, equal weights: the bisector at the linear mean's length, i.e. the linear mean
+    a, b = _points(2, seed=12)
+    b = b / b.norm() * a.norm()
+    two = spherical_average([{"x": a}, {"x": b}], restore_norm="projection")["x"]
+    assert torch.allclose(two, (a + b) / 2, atol=1e-10)
+    # identical directions: nothing to shrink
+    same = spherical_average([{"x": a}, {"x": 3 * a}], [0.5, 0.5], restore_norm="projection")["x"]
+    assert torch.allclose(same, 2 * a, atol=1e-10)
+
+
+def test_spherical_projection_averager_by_name():
+    torch.manual_seed(2)
+    sds = [MLP(input_shape=(8,), widths=(6,)).state_dict() for _ in range(3)]
+    merged = fedmerge.merge(sds, align=None, average="spherical-projection", weights=[0.2, 0.3, 0.5])
+    direct = spherical_average(sds, [0.2, 0.3, 0.5], restore_norm="projection")
+    assert all(torch.equal(merged[k], direct[k]) for k in direct)
+    with pytest.raises(ValueError, match="restore_norm='unit'"):
+        spherical_average(sds, restore_norm="unit")
+    with pytest.raises(TypeError, match="fixes restore_norm"):
+        fedmerge.merge(sds, align=None, average="spherical-projection", average_options={"restore_norm": True})

@@ -42,8 +42,11 @@ orthogonal: ``spec=relaxed_spec(spec)``.
 BatchNorm normalises every channel by its own statistics, so no rotation other than a
 (signed) permutation commutes with it; its running variance would not even stay positive.
 Rotating a group that carries BatchNorm statistics is refused: project it to a permutation
-(``relax=True`` does) or fold the BatchNorm into the producing layer first, in a model without
-BatchNorm.  LayerNorm over the units commutes with ``Q`` only if ``Q`` fixes the constant vector
+(``relax=True`` does) or fold the BatchNorm into the producing layer first
+(:mod:`fedmerge.batchnorm`: ``fold_batchnorm(model)`` gives the BatchNorm-free template, its spec
+and ``fold``/``unfold`` of state_dicts; ``fedmerge.batchnorm.merge`` folds, merges, unfolds).
+Folding removes the statistics, not the ReLU: on a ReLU network a rotation is still a relaxation.
+LayerNorm over the units commutes with ``Q`` only if ``Q`` fixes the constant vector
 (centring) and the affine scale is uniform; the tracer lowers such groups to permutations, and
 ``relax=True`` projects them back to permutations, which are exact.
 """
@@ -400,7 +403,7 @@ def orthogonal_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec:
                         f"group {g!r} is declared orthogonal but carries BatchNorm statistics ({bn[0]!r}): a "
                         "rotation of BatchNorm channels is not a symmetry (each channel is normalised by its own "
                         "statistics). Pass project='permutation', or fold the BatchNorm into the producing layer "
-                        "in a model without it")
+                        "first: fedmerge.batchnorm.fold_batchnorm(model), or fedmerge.batchnorm.merge(...)")
     respond = _Responder(search, solver, stiefel_options or {})
     rng = np.random.default_rng(seed)
     device = next(iter(state_dicts[0].values())).device

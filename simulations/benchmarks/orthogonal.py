@@ -20,6 +20,8 @@ Three tables, each next to the figures of the paper it reproduces:
    LERP/SLERP, Git Re-Basin, orthogonal (activation Procrustes searched over rotations, projected
    to permutations because BatchNorm channels may not rotate), each with BatchNorm statistics as
    interpolated, re-estimated (RESET) and REPAIRed (RESET, then REPAIR in one pass, at every α);
+   the same with BatchNorm folded into the producing convs (``fedmerge.batchnorm``: no statistics,
+   so rotations may be kept; REPAIR on the folded model, unfolded with re-estimated statistics);
    loss barrier (the paper's ``max_α L``), midpoint accuracy,
    linear CKA of the midpoint's embedding (pooled features) with model A's, the cycle error of
    three models' maps (ours, into a common space; independent pairwise ones) and the ReLU residual
@@ -290,6 +292,13 @@ def spherical_table(args, train, test) -> tuple[str, list[dict]]:
         add(label, mlp, sd, "—", time.perf_counter() - start)
         sd = fedmerge.merge(mlps, spec=spec, align=align, align_options=opts)
         add(f"MLP, {align}{' (relax=True)' if opts else ''} + mean", mlp, sd, "—")
+        if align == "c2m3":
+            sd = fedmerge.merge(mlps, spec=spec, align=align, average="spherical-projection")
+            add("MLP, c2m3 + spherical barycenter (tensor, restore_norm='projection')", mlp, sd, "—")
+            for target in ("std", "variance"):
+                sd = fedmerge.merge(mlps, spec=spec, model=mlp, align=align, average="spherical", repair="repair",
+                                    repair_options={"inputs": train.images[-args.calibration:], "target": target})
+                add(f"MLP, c2m3 + spherical barycenter (tensor) + REPAIR (target={target!r})", mlp, sd, "—")
     accs = [am.evaluate(lr, sd, data)["accuracy"] for sd in lrs]
     rows.append({"label": "4 logistic regressions (min–max)", "accuracy": None,
                  "text": f"{_pct(min(accs))}–{_pct(max(accs))}", "paper": PAPER_SPHERICAL["logreg-endpoints"]})
@@ -344,34 +353,39 @@ def resnet_table(args, train, test, calib) -> tuple[str, list[dict]]:
                  batch_size=128, optimizer="sgd") for s in range(3)]
     model = make()
     spec = model.permutation_spec()
-    data = (test.images[:2000], test.labels[:2000])
+    n_test = 200 if args.smoke else 2000
+    data = (test.images[:n_test], test.labels[:n_test])
     calib = calib[:2000]
     from fedmerge.repair import repair, reset_batchnorm as reset  # REPAIR; RESET of the BatchNorm statistics
+    from fedmerge.batchnorm import fold_batchnorm
     feats_a = _embedding(model, sds[0], data[0])
     rows = []
 
-    def curve(b, slerp, fix):
+    def curve(b, slerp, fix, folded=None):
+        net, sp, a = (model, spec, sds[0]) if folded is None else (folded.model, folded.spec, folded.fold(sds[0]))
         losses, accs = [], []
         for t in (0.0, 0.25, 0.5, 0.75, 1.0):
-            theta = fedmerge.spherical_average([sds[0], b], [1 - t, t]) if slerp else fedmerge.interpolate(sds[0], b, t)
+            theta = fedmerge.spherical_average([a, b], [1 - t, t]) if slerp else fedmerge.interpolate(a, b, t)
             if fix == "reset" and 0 < t < 1:
-                theta = reset(model, theta, calib)
-            elif fix == "repair" and 0 < t < 1:
-                theta = repair(theta, [sds[0], b], [1 - t, t], model=model, inputs=calib, spec=spec, reset=True,
+                theta = reset(net, theta, calib)
+            elif fix == "repair" and 0 < t < 1:  # a folded model has no BatchNorm to reset: REPAIR alone
+                theta = repair(theta, [a, b], [1 - t, t], model=net, inputs=calib, spec=sp, reset=folded is None,
                                passes="single")
+            if folded is not None:  # back in the BatchNorm architecture, statistics re-estimated (same function)
+                theta = folded.unfold(theta, calib)
             r = am.evaluate(model, theta, data, batch_size=500)
             losses.append(r["loss"])
             accs.append(r["accuracy"])
             if t == 0.5:
                 mid = theta
-        return max(losses), accs[2], am.linear_cka(feats_a, _embedding(model, mid, data[0]))
+        return max(losses), accs[2], am.linear_cka(feats_a, _embedding(model, mid, data[0])), accs[-1]
 
-    def add(key, label, b, *, slerp=False, cycle=None, pairwise_cycle=None, rme=None, seconds=None):
-        for fix in (None, "reset", "repair"):
-            barrier, acc, cka = curve(b, slerp, fix)
+    def add(key, label, b, *, slerp=False, cycle=None, pairwise_cycle=None, rme=None, seconds=None, folded=None):
+        for fix in (None, "reset", "repair") if folded is None else (None, "repair"):
+            barrier, acc, cka, end = curve(b, slerp, fix, folded)
             p = PAPER_RESNET.get(key, ("—",) * 5) if fix is None else ("—",) * 5
             suffix = {None: "", "reset": " + RESET", "repair": " + REPAIR"}[fix]
-            rows.append({"label": label + suffix, "barrier": barrier, "acc": acc,
+            rows.append({"label": label + suffix, "barrier": barrier, "acc": acc, "end": end,
                          "cka": cka, "cycle": cycle, "pairwise_cycle": pairwise_cycle, "rme": rme,
                          "seconds": seconds, "paper": p})
             print(f"  table 3, {rows[-1]['label']}: barrier {barrier:.3f}, acc {_pct(acc)}", file=sys.stderr,
@@ -416,19 +430,37 @@ def resnet_table(args, train, test, calib) -> tuple[str, list[dict]]:
     add("orthogonal-kept", "orthogonal, rotations kept (BatchNorm rotated; refused by fedmerge)", kept)
     add("orthogonal+slerp", "orthogonal + SLERP",
         fedmerge.apply_transform(sds[1], spec, fedmerge.transforms.pairwise_map(ts, 1, 0)), slerp=True)
+    # BatchNorm folded into the producing convs (fedmerge.batchnorm): no statistics left to forbid rotations
+    folding = fold_batchnorm(model)
+    fsds = [folding.fold(sd) for sd in sds]
+    for key, label, fspec, opts in (
+            ("folded-projected", "orthogonal, BN folded (activation Procrustes, projected to permutations)",
+             folding.spec, {"relax": True}),
+            ("folded-kept", "orthogonal, BN folded, rotations kept (activation Procrustes)",
+             fedmerge.relaxed_spec(folding.spec), {})):
+        start = time.perf_counter()
+        fo = fedmerge.matching.orthogonal.orthogonal_matching(fsds, fspec, inputs=calib, model=folding.model,
+                                                              batch_size=250, **opts)
+        s = time.perf_counter() - start
+        fts = fo["transforms"]
+        loops = [fedmerge.transforms.pairwise_map(fts, a, b) for a, b in ((0, 1), (1, 2), (2, 0))]
+        add(key, label, fedmerge.apply_transform(fsds[1], fspec, fedmerge.transforms.pairwise_map(fts, 1, 0)),
+            cycle=am.cycle_residual(fsds[0], fspec, loops), seconds=s, folded=folding)
     table = markdown_table(
-        [{"label": r["label"], "barrier": f"{r['barrier']:.3f}", "acc": _pct(r["acc"]), "cka": f"{r['cka']:.3f}",
+        [{"label": r["label"], "barrier": f"{r['barrier']:.3f}", "acc": _pct(r["acc"]), "end": _pct(r["end"]),
+          "cka": f"{r['cka']:.3f}",
           "cycle": None if r["cycle"] is None else f"{r['cycle']:.2g}",
           "pcycle": None if r["pairwise_cycle"] is None else f"{r['pairwise_cycle']:.3g}",
           "rme": None if r["rme"] is None else f"{r['rme']:.3g}",
           "paper": " / ".join(r["paper"])} for r in rows],
-        [("label", "method"), ("barrier", "max loss (barrier)"), ("acc", "midpoint acc"), ("cka", "CKA"),
+        [("label", "method"), ("barrier", "max loss (barrier)"), ("acc", "midpoint acc"),
+         ("end", "acc α=1 (aligned model 1)"), ("cka", "CKA"),
          ("cycle", "E_cycle 0→1→2→0"), ("pcycle", "E_cycle pairwise"), ("rme", "RME"),
          ("paper", "paper: barrier / acc / CKA / cycle / RME (CIFAR-10)")])
     head = (f"Three BatchNorm ResNet-20s (width {width:g}) on MNIST ({args.resnet_epochs} epochs SGD 0.05, momentum "
             f"0.9, first {args.resnet_train_size} training images); endpoint accuracy "
-            f"{', '.join(_pct(a) for a in ends)} on the first 2000 test images (all rows); interpolation between "
-            "models 0 and 1; calibration: 2000 training images.")
+            f"{', '.join(_pct(a) for a in ends)} on the first {n_test} test images (all rows); interpolation "
+            f"between models 0 and 1; calibration: {len(calib)} training images.")
     return head + "\n\n" + table, rows
 
 
