@@ -14,6 +14,7 @@ from .diagnostics import cycle_error, matching_objective, pairwise_cycle_error, 
 from .matching import MatchResult
 from .matching.orthogonal import orthogonal_matching, relaxed_spec
 from . import alignment_metrics  # noqa: F401  (E_res, sign change, CKA, barriers: fedmerge.alignment_metrics.*)
+from .regmean import regmean_average
 from .spherical import karcher_mean, slerp, spherical_average
 from . import permutation  # noqa: F401  (fedmerge.permutation.* stays reachable as before)
 from .progress import ProgressBar
@@ -32,7 +33,8 @@ __all__ = [
     "interpolate", "invert_permutation", "invert_transform", "match", "matching_objective", "merge",
     "pairwise_cycle_error", "pairwise_map", "random_permutation", "random_transform", "spec_for",
     "spec_from_module", "weighted_average",
-    "alignment_metrics", "karcher_mean", "orthogonal_matching", "relaxed_spec", "slerp", "spherical_average",
+    "alignment_metrics", "karcher_mean", "orthogonal_matching", "regmean_average", "relaxed_spec", "slerp",
+    "spherical_average",
 ]
 
 

@@ -30,7 +30,8 @@ from .averaging import weighted_average
 from .diagnostics import cycle_error, matching_objective
 from .matching import MatchResult, c2m3_matching, git_rebasin_matching, mergemany_matching
 from .matching.orthogonal import orthogonal_matching
-from .spherical import spherical_average
+from .regmean import regmean_average
+from .spherical import spherical_average, spherical_projection_average
 from .progress import Callback, ProgressBar, chain
 from .repair import repair as repair_stage, reset as reset_stage
 from .spec import SymmetrySpec
@@ -65,7 +66,9 @@ ALIGNERS: dict[str, Callable[..., Any]] = {
 }
 
 #: Averagers by name (``average=`` of :func:`merge`).
-AVERAGERS: dict[str, Callable[..., Any]] = {"mean": mean_average, "spherical": spherical_average}
+AVERAGERS: dict[str, Callable[..., Any]] = {"mean": mean_average, "spherical": spherical_average,
+                                             "spherical-projection": spherical_projection_average,
+                                             "regmean": regmean_average}
 
 #: Repair stages by name (``repair=`` of :func:`merge`; :mod:`fedmerge.repair`).  Both need
 #: ``model=`` and calibration ``inputs`` (``repair_options={"inputs": ...}``, or ``repair=<inputs>``).
@@ -154,10 +157,10 @@ def match(state_dicts: Sequence[StateDict], spec: SymmetrySpec | None = None,
                   progress=progress, options=options)
 
 
-def _takes_model(aligner: Callable) -> bool:
-    """Whether an aligner has a ``model`` parameter (activation-based ones run the template)."""
+def _takes_model(stage: Callable) -> bool:
+    """Whether an aligner or averager has a ``model`` parameter (activation-based ones run the template)."""
     try:
-        return "model" in inspect.signature(aligner).parameters
+        return "model" in inspect.signature(stage).parameters
     except (TypeError, ValueError):
         return False
 
@@ -230,7 +233,11 @@ def merge(state_dicts: Sequence[StateDict], *, align: str | Callable | None = "c
         callable (see :func:`match`).
     average:
         ``"mean"`` (the weighted mean), ``"spherical"`` (SLERP / weighted Karcher mean, norms restored;
-        :func:`fedmerge.spherical.spherical_average`) or a callable ``average(aligned, weights, **average_options)``.
+        :func:`fedmerge.spherical.spherical_average`; ``"spherical-projection"``: the same direction with
+        the models' mean length along it), ``"regmean"`` (least squares on every model's
+        layer inputs, :func:`fedmerge.regmean.regmean_average`; options ``inputs``, ``model_inputs``
+        or ``grams``, ``alpha``, ``ridge``) or a callable ``average(aligned, weights, **average_options)``
+        (given ``model=`` too when it has a ``model`` parameter).
     repair:
         ``None``; calibration inputs (a tensor or an iterable of batches such as a ``DataLoader``:
         REPAIR on them, the same as ``repair="repair", repair_options={"inputs": ...}``); a name from
@@ -295,6 +302,8 @@ def merge(state_dicts: Sequence[StateDict], *, align: str | Callable | None = "c
     stage_seconds["align"] = time.perf_counter() - start
 
     start = time.perf_counter()
+    if model is not None and "model" not in average_options and _takes_model(averager):
+        average_options = {**average_options, "model": model}  # e.g. RegMean's forward passes
     merged = averager(aligned, w, **average_options)
     check_like(merged, aligned[0], name=f"the result of average={average_name!r}", reference_name="the models")
     stage_seconds["average"] = time.perf_counter() - start

@@ -36,7 +36,7 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedmerge.training import evaluate, train
-from strategies import federated_repair
+from strategies import federated_regmean, federated_repair
 
 from .config import ClientConfig
 from .messages import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, PARTITION_KEY
@@ -145,6 +145,9 @@ def train_handler(msg: Message, context: Context) -> Message:
     if cfg.repair == "federated":  # per-unit sums of this model on this client's data, for REPAIR
         content[federated_repair.STATS_KEY] = federated_repair.client_statistics(model, data.train_images,
                                                                                  device=device)
+    if cfg.average == "regmean":  # Gram matrices of this model's layer inputs on this client's data
+        content[federated_regmean.GRAMS_KEY] = federated_regmean.client_grams(model, data.train_images,
+                                                                              device=device)
     return Message(content=content, reply_to=msg)
 
 

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from flwr.app import ConfigRecord
 
+from fedmerge import AVERAGERS
 from strategies.federated_repair import REPAIR_MODES
 
 if TYPE_CHECKING:
@@ -77,6 +78,9 @@ CLIENT_DEFAULTS: dict[str, Any] = {
     # per-unit activation sums with its update and answer the repair query; "server" repairs on
     # repair-samples training samples held by the server; "none" does neither.
     "repair": "none",
+    # fedmerge.merge's averaging stage: "mean", "spherical" (SLERP / Karcher) or "regmean" (least
+    # squares on the clients' layer inputs: every client sends its Gram matrices with its update).
+    "average": "mean",
 }
 
 #: Keys only the ServerApp reads, and their defaults.
@@ -94,7 +98,6 @@ SERVER_DEFAULTS: dict[str, Any] = {
     # min-clients); then the run goes on with the nodes connected, or stops if fewer than min-clients.
     "node-wait": 60.0,
     "min-clients": 2,             # fewest connected nodes to run with (capped at num-clients)
-    "average": "mean",            # fedmerge.merge's averaging stage: "mean" or "spherical" (SLERP / Karcher)
     "repair-samples": 1000,       # repair "server": calibration samples drawn (seeded) from the training set
 }
 
@@ -161,6 +164,7 @@ class ClientConfig:
     device: str
     threads: int
     repair: str
+    average: str
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "ClientConfig":
@@ -187,6 +191,8 @@ class ClientConfig:
             raise ValueError(f"unknown client-eval {self.client_eval!r}; choose one of {', '.join(CLIENT_EVAL_MODES)}")
         if self.repair not in REPAIR_MODES:
             raise ValueError(f"unknown repair {self.repair!r}; choose one of {', '.join(REPAIR_MODES)}")
+        if self.average not in AVERAGERS:
+            raise ValueError(f"unknown average {self.average!r}; choose one of {', '.join(AVERAGERS)}")
         if not 0.0 <= self.holdout_fraction < 1.0:
             raise ValueError(f"holdout-fraction must lie in [0, 1), got {self.holdout_fraction}")
         if self.client_eval == "holdout" and self.holdout_fraction == 0.0:

@@ -225,8 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="matching iterations per round: C2M3 Frank-Wolfe iterations, MergeMany sweeps, "
                           "Git Re-Basin passes (0: the strategy's default)")
     p.add_argument("--average", choices=sorted(AVERAGERS), default=d["average"],
-                   help="how the aligned models are averaged: the weighted mean, or spherical (SLERP for two "
-                        "models, the weighted Karcher mean for more, norms restored)")
+                   help="how the aligned models are averaged: the weighted mean, spherical (SLERP for two "
+                        "models, the weighted Karcher mean for more, norms restored), or regmean (each layer "
+                        "fitted by least squares on the clients' layer inputs, from Gram matrices every client "
+                        "sends with its update)")
     p.add_argument("--repair", choices=REPAIR_MODES, default=d["repair"],
                    help="REPAIR of the merged model each round: from per-unit statistics the clients send "
                         "(federated; one extra round trip), on --repair-samples training samples held by the "

@@ -17,8 +17,9 @@ name              class                        alignment before the weighted mea
 ``orthogonal``    :class:`Orthogonal`          generalised Procrustes into a common space
 ================  ==========================  ===========================================
 
-Every strategy takes ``average=`` (``"mean"`` or ``"spherical"``) and ``repair=`` (``"none"``,
-``"federated"``: :mod:`strategies.federated_repair`, or ``"server"``).
+Every strategy takes ``average=`` (``"mean"``, ``"spherical"``, ``"spherical-projection"`` or
+``"regmean"``: :mod:`strategies.federated_regmean`) and ``repair=`` (``"none"``, ``"federated"``:
+:mod:`strategies.federated_repair`, or ``"server"``).
 
 Client replies are judged first (:mod:`strategies.replies`); bad ones are left out, with the
 reason, instead of stopping the run.

@@ -38,6 +38,8 @@ from flwr.app import ArrayRecord
 from fedmerge.repair import RepairPoint, UnitStatistics, find_repair_points, map_statistics, unit_statistics
 from fedmerge.spec import SymmetrySpec
 
+from .replies import record_tensors
+
 __all__ = ["REPAIR_MODES", "REPAIR_QUERY", "STATS_KEY", "TARGETS_KEY", "client_statistics", "decode_statistics",
            "decode_targets", "encode_statistics", "encode_targets", "point_sizes", "pool", "record_bytes",
            "targets_from_clients"]
@@ -69,16 +71,8 @@ def decode_statistics(record: ArrayRecord | None, points: Sequence[RepairPoint],
     ``sizes`` gives each point's number of units.  Every point must be there, with a positive
     finite count, finite sums of its size and non-negative sums of squares.
     """
-    if record is None:
-        raise ValueError(f"the reply carries no {STATS_KEY!r} ArrayRecord")
-    try:
-        arrays = record.to_torch_state_dict()
-    except Exception as exc:  # noqa: BLE001 - a record that does not convert is malformed
-        raise ValueError(f"its {STATS_KEY!r} record does not convert to tensors: {exc}") from None
     expected = {f"{p.name}/{part}" for p in points for part in ("count", "sum", "sum_sq")}
-    missing, extra = sorted(expected - set(arrays)), sorted(set(arrays) - expected)
-    if missing or extra:
-        raise ValueError(f"its statistics do not fit the model: missing {missing[:4]}, unexpected {extra[:4]}")
+    arrays = record_tensors(record, STATS_KEY, expected, "statistics")
     out = {}
     for p in points:
         count, total, sq = (arrays[f"{p.name}/{part}"] for part in ("count", "sum", "sum_sq"))

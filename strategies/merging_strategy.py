@@ -11,6 +11,10 @@ Sampling, message construction, client evaluation and the round loop (``start``)
   round never crashes the run.
 * ``aggregate_evaluate`` leaves out malformed evaluation replies the same way instead of raising.
 
+``average="regmean"`` fits every linear and convolutional layer by least squares on the clients'
+own layer inputs (RegMean, :mod:`fedmerge.regmean`), from Gram matrices the clients send with
+their updates (:mod:`strategies.federated_regmean`).
+
 ``repair`` renormalises the merged model's activations before the round ends (REPAIR,
 :mod:`fedmerge.repair`): ``"federated"`` from per-unit sums the clients send, with one extra round
 trip (:mod:`strategies.federated_repair`), ``"server"`` on a calibration set the server holds.
@@ -31,11 +35,13 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
-from fedmerge import AVERAGERS, merge
+from fedmerge import AVERAGERS, apply_transform, match, merge
+from fedmerge.regmean import InputGram, map_grams, regmean_layers
 from fedmerge.repair import find_repair_points, fold_repair
 from fedmerge.spec import PermutationSpec
 from fedmerge.training import resolve_device
 
+from . import federated_regmean as frm
 from . import federated_repair as fr
 from .replies import LeftOut, error_reason, split_evaluate_replies, split_train_replies
 
@@ -57,8 +63,10 @@ class MergingStrategy(FedAvg):
     match_options:
         Keyword options of :func:`fedmerge.match` for this alignment (e.g. ``max_iter``).
     average:
-        The averaging stage of ``fedmerge.merge`` (``"mean"``, the default, or ``"spherical"``:
-        SLERP / Karcher mean, :data:`fedmerge.AVERAGERS`).
+        The averaging stage of ``fedmerge.merge`` (:data:`fedmerge.AVERAGERS`): ``"mean"``, the
+        default; ``"spherical"``: SLERP / Karcher mean; ``"regmean"``: least squares on the
+        clients' layer inputs, from the Gram matrices each client sends with its update (its
+        ClientApp must send them, see :mod:`strategies.federated_regmean`; needs ``model``).
     repair:
         ``"none"`` (default), ``"federated"`` (the clients send per-unit statistics with their
         updates and answer one repair query per round: their ClientApp must do both, see
@@ -95,6 +103,8 @@ class MergingStrategy(FedAvg):
             raise ValueError(f"unknown average {average!r}; choose one of {', '.join(AVERAGERS)}")
         if repair not in fr.REPAIR_MODES:
             raise ValueError(f"unknown repair {repair!r}; choose one of {', '.join(fr.REPAIR_MODES)}")
+        if average == "regmean" and model is None:
+            raise ValueError("average='regmean' needs model=<an nn.Module> (it names the layers to fit)")
         if repair != "none" and model is None:
             raise ValueError(f"repair={repair!r} runs the model's forward pass: pass model=<an nn.Module>")
         if repair == "server" and repair_inputs is None:
@@ -121,6 +131,7 @@ class MergingStrategy(FedAvg):
         self.repair = repair
         self.repair_inputs = repair_inputs
         self.repair_options: dict[str, Any] = dict(repair_options or {})
+        self._regmean_dims = frm.layer_dims(model, regmean_layers(model)) if average == "regmean" else {}
         self._repair_points = find_repair_points(model, spec) if repair == "federated" else []
         self._repair_sizes = fr.point_sizes(model, self._repair_points) if self._repair_points else {}
         self._global: ArrayRecord | None = None  # the arrays sent in the current round
@@ -160,7 +171,10 @@ class MergingStrategy(FedAvg):
         replies = list(replies)
         reference = self._global.to_torch_state_dict() if self._global is not None else None
         updates, left_out = split_train_replies(replies, reference, weight_key=self.weighted_by_key,
-                                                extra_records=(fr.STATS_KEY,))
+                                                extra_records=(fr.STATS_KEY, frm.GRAMS_KEY))
+        grams: list | None = None
+        if self.average == "regmean":
+            updates, grams = self._regmean_grams(server_round, updates, left_out)
         log(INFO, "aggregate_train: %d of %d replies usable", len(updates), len(replies))
         if left_out:
             self.left_out[server_round] = left_out
@@ -173,9 +187,14 @@ class MergingStrategy(FedAvg):
         state_dicts = [{k: v.to(self.device) for k, v in u.state_dict.items()} for u in updates]
         server_repair = {"repair": self.repair_inputs, "repair_options": self.repair_options,
                          "model": self.model} if self.repair == "server" else {}
-        merged, result = merge(state_dicts, align=self.align, average=self.average,
-                               weights=[u.num_examples for u in updates], spec=self.spec, full_output=True,
-                               align_options=self.match_options, **server_repair)
+        weights = [u.num_examples for u in updates]
+        if grams:
+            merged, result = self._regmean_merge(state_dicts, weights, grams, server_repair)
+        else:
+            merged, result = merge(state_dicts, align=self.align,
+                                   average="mean" if self.average == "regmean" else self.average,
+                                   weights=weights, spec=self.spec, full_output=True,
+                                   align_options=self.match_options, **server_repair)
         self.last_result = result
         repair_metrics: dict[str, Any] = {}
         if self.repair == "federated":
@@ -196,8 +215,56 @@ class MergingStrategy(FedAvg):
             metrics["match_seconds"] = float(result.seconds)
         for key, value in repair_metrics.items():
             metrics[key] = value
+        if self.average == "regmean":
+            metrics["regmean_applied"] = int(bool(grams))
+            metrics["regmean_clients"] = len(grams or [])
+            if grams:
+                metrics["regmean_grams_bytes_per_client"] = int(max(g[1] for g in grams))
         metrics["aggregation_seconds"] = time.perf_counter() - start
         return arrays, metrics
+
+    def _regmean_grams(self, server_round: int, updates: list, left_out: list) -> tuple[list, list | None]:
+        """The updates whose Gram matrices are usable, and ``[(grams, bytes), ...]`` for them.
+
+        A client with unusable Grams is left out of the merge (its reason appended to
+        ``left_out``), unless no client has usable ones: then every update is merged by the
+        weighted mean and ``None`` comes back for the Grams.
+        """
+        usable, grams, bad = [], [], []
+        for update in updates:
+            record = update.content.array_records.get(frm.GRAMS_KEY)
+            try:
+                grams.append((frm.decode_grams(record, self._regmean_dims), fr.record_bytes(record)))
+            except ValueError as exc:
+                bad.append(LeftOut(update.node_id, f"RegMean Gram matrices: {exc}"))
+                continue
+            usable.append(update)
+        if not usable:
+            log(WARNING, "round %d: no client sent usable Gram matrices: RegMean falls back to the weighted mean",
+                server_round)
+            return updates, None
+        left_out.extend(bad)
+        return usable, grams
+
+    def _regmean_merge(self, state_dicts: list, weights: list, grams: list, server_repair: dict):
+        """Align, move each client's Grams into the common space with its alignment, fit the layers."""
+        start = time.perf_counter()
+        if self.align is None:
+            result, aligned, transforms = None, state_dicts, [{} for _ in state_dicts]
+        else:
+            result = match(state_dicts, self.spec, self.align, **self.match_options)
+            transforms = result.transforms
+            aligned = [apply_transform(sd, self.spec, t, check=False) for sd, t in zip(state_dicts, transforms)]
+        align_seconds = time.perf_counter() - start
+        mapped = [map_grams({k: InputGram(v.count, v.xx.to(self.device), v.x.to(self.device)) for k, v in g.items()},
+                            self.spec, t) for (g, _), t in zip(grams, transforms)]
+        merged, merge_result = merge(aligned, align=None, average="regmean", weights=weights, spec=self.spec,
+                                     full_output=True, average_options={"grams": mapped}, **server_repair)
+        if result is None:
+            return merged, merge_result
+        result.average, result.repair = merge_result.average, merge_result.repair
+        result.stage_seconds = {**merge_result.stage_seconds, "align": align_seconds}
+        return merged, result
 
     def _leave_out_statistics(self, server_round: int, node_id: int, reason: str) -> None:
         self.left_out_repair.setdefault(server_round, []).append(LeftOut(node_id, reason))

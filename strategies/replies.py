@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
 import torch
-from flwr.app import Message, RecordDict
+from flwr.app import ArrayRecord, Message, RecordDict
 
 from fedmerge.validation import check_like
 
-__all__ = ["ClientUpdate", "LeftOut", "error_reason", "split_evaluate_replies", "split_train_replies"]
+__all__ = ["ClientUpdate", "LeftOut", "error_reason", "record_tensors", "split_evaluate_replies",
+           "split_train_replies"]
 
 
 @dataclass
@@ -122,3 +123,21 @@ def split_train_replies(replies: Iterable[Message], reference: Mapping[str, torc
             reference = state_dict
         updates.append(ClientUpdate(node, state_dict, weight, msg.content))
     return updates, left_out
+
+
+def record_tensors(record: ArrayRecord | None, key: str, expected: set[str], what: str) -> dict[str, torch.Tensor]:
+    """The tensors of an extra ArrayRecord of a reply (statistics, Gram matrices), or ``ValueError``.
+
+    The record (sent under ``key``) must be there, convert to tensors and hold exactly the
+    ``expected`` names; ``what`` names its content in the reason ("statistics").
+    """
+    if record is None:
+        raise ValueError(f"the reply carries no {key!r} ArrayRecord")
+    try:
+        arrays = record.to_torch_state_dict()
+    except Exception as exc:  # noqa: BLE001 - a record that does not convert is malformed
+        raise ValueError(f"its {key!r} record does not convert to tensors: {exc}") from None
+    missing, extra = sorted(expected - set(arrays)), sorted(set(arrays) - expected)
+    if missing or extra:
+        raise ValueError(f"its {what} do not fit the model: missing {missing[:4]}, unexpected {extra[:4]}")
+    return arrays

@@ -69,3 +69,22 @@ def run_simulation_script(script: str, out):
 def simulate():
     """:func:`run_simulation_script` as a fixture (test modules must not import each other)."""
     return run_simulation_script
+
+
+@pytest.fixture
+def train_reply():
+    """``train_reply(node, model, records, n)``: a client's train reply as the SuperLink delivers it,
+    the model's weights and ``num-examples`` ``n`` plus the extra ArrayRecords ``{key: record}``."""
+    import time
+    from flwr.app import ArrayRecord, Message, Metadata, MetricRecord, RecordDict
+
+    def reply(node: int, model: torch.nn.Module, records=None, n: int = 100) -> Message:
+        content = RecordDict({"arrays": ArrayRecord(model.state_dict()),
+                              "metrics": MetricRecord({"num-examples": n, "partition-id": node})})
+        for key, record in (records or {}).items():
+            content[key] = record
+        metadata = Metadata(run_id=1, message_id=f"reply-{node}", src_node_id=node, dst_node_id=0,
+                            reply_to_message_id=f"ins-{node}", group_id="1", created_at=time.time(), ttl=3600.0,
+                            message_type="train")
+        return Message(content, metadata=metadata)
+    return reply

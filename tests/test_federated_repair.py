@@ -1,13 +1,13 @@
-"""Federated REPAIR (strategies.federated_repair): statistic records, the strategy's round, the Ray simulation."""
+"""Federated REPAIR (strategies.federated_repair): statistic records, the strategy's round, the Ray simulation
+(whose runs also serve federated RegMean, strategies.federated_regmean)."""
 
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, Message, Metadata, MetricRecord, RecordDict
+from flwr.app import ArrayRecord
 
 import fedmerge
 from fedmerge.models import MLP
@@ -73,25 +73,13 @@ def test_client_statistics_with_targets_renormalise_in_the_pass():
     assert (corrected["layers.1"].std - plain["layers.1"].std).abs().max() > 1e-3
 
 
-def _reply(node: int, model: torch.nn.Module, stats: ArrayRecord | None, n: int = 100) -> Message:
-    """A client's train reply as the SuperLink delivers it, with or without statistics."""
-    content = RecordDict({"arrays": ArrayRecord(model.state_dict()),
-                          "metrics": MetricRecord({"num-examples": n, "partition-id": node})})
-    if stats is not None:
-        content[fr.STATS_KEY] = stats
-    metadata = Metadata(run_id=1, message_id=f"reply-{node}", src_node_id=node, dst_node_id=0,
-                        reply_to_message_id=f"ins-{node}", group_id="1", created_at=time.time(), ttl=3600.0,
-                        message_type="train")
-    return Message(content, metadata=metadata)
-
-
-def test_a_round_without_usable_statistics_keeps_the_unrepaired_merge():
+def test_a_round_without_usable_statistics_keeps_the_unrepaired_merge(train_reply):
     torch.manual_seed(2)
     models = [MLP(input_shape=(1, 6, 6), widths=(12, 8)) for _ in range(3)]
     strategy = C2M3(model=models[0], device="cpu", repair="federated", max_iter=5)
     bad = fr.encode_statistics({n: UnitStatistics(0.0, s.sum, s.sum_sq)
                                 for n, s in _stats(models[1], torch.randn(8, 1, 6, 6)).items()})
-    replies = [_reply(1, models[0], None), _reply(2, models[1], bad), _reply(3, models[2], None)]
+    replies = [train_reply(1, models[0]), train_reply(2, models[1], {fr.STATS_KEY: bad}), train_reply(3, models[2])]
     arrays, metrics = strategy.aggregate_train(1, replies)
     assert metrics["repair_applied"] == 0 and metrics["repair_clients_targets"] == 0
     assert metrics["clients_merged"] == 3  # the updates themselves are merged
@@ -142,7 +130,8 @@ from tests import faulty_repair_client_app
 runs = [("none", client_app.app, {}), ("federated", client_app.app, {"repair": "federated"}),
         ("server", client_app.app, {"repair": "server", "repair-samples": 500}),
         ("faulty", faulty_repair_client_app.app, {"repair": "federated"}),
-        ("fedavg-spherical", client_app.app, {"strategy": "fedavg", "average": "spherical", "repair": "federated"})]
+        ("fedavg-spherical", client_app.app, {"strategy": "fedavg", "average": "spherical", "repair": "federated"}),
+        ("regmean", client_app.app, {"average": "regmean"})]
 for name, app, extra in runs:
     config = {"strategy": "c2m3", "num-clients": 4, "num-rounds": 1, "init": "independent",
               "max-train-samples": 4000, "max-test-samples": 1000, "local-epochs": 2, "seed": 3,
@@ -158,7 +147,7 @@ def runs(tmp_path_factory, simulate):
     out = tmp_path_factory.mktemp("repair")
     simulate(_RUNS, out)
     return {name: json.loads((out / name / "results.json").read_text())
-            for name in ("none", "federated", "server", "faulty", "fedavg-spherical")}
+            for name in ("none", "federated", "server", "faulty", "fedavg-spherical", "regmean")}
 
 
 @pytest.mark.slow
@@ -202,3 +191,21 @@ def test_fedavg_with_spherical_averaging_and_federated_repair_runs_without_align
     rnd = run["rounds"][0]
     assert "match_objective" not in rnd  # no alignment
     assert rnd["repair_applied"] == 1 and rnd["repair_clients_targets"] == rnd["repair_clients_merged"] == 4
+
+
+@pytest.mark.slow
+def test_federated_regmean_through_the_ray_simulation(runs):
+    """The clients' Gram matrices travel with their updates; RegMean beats the mean of the same alignment."""
+    from fedmerge.regmean import InputGram
+    from strategies import federated_regmean as frm
+    none, regmean = runs["none"]["rounds"][0], runs["regmean"]["rounds"][0]
+    assert runs["regmean"]["failures"] == []
+    assert regmean["regmean_applied"] == 1 and regmean["regmean_clients"] == regmean["clients_merged"] == 4
+    dims = (784, 256, 512, 512, 256)  # inputs of the paper's MLP's five layers
+    names = [f"layers.{i}" for i in range(4)] + ["head"]
+    one = fr.record_bytes(frm.encode_grams({n: InputGram(1.0, torch.zeros(d, d, dtype=torch.float64),
+                                                         torch.zeros(d, dtype=torch.float64))
+                                            for n, d in zip(names, dims)}))
+    assert regmean["regmean_grams_bytes_per_client"] == one
+    assert regmean["match_objective"] == pytest.approx(none["match_objective"], rel=1e-9)  # same alignment
+    assert regmean["test_accuracy"] > none["test_accuracy"]

@@ -27,7 +27,9 @@ Sections (``--sections``, comma-separated):
     more matching effort, and C²M³ + federated REPAIR computed by the protocol's own functions
     (:mod:`strategies.federated_repair`: clients' sums mapped and pooled, one corrected pass per
     client over its own data, the fold), its layer-by-layer variant (one round trip per layer),
-    and server-side REPAIR on held samples.  The simulation's run of the same setting
+    server-side REPAIR on held samples, and federated RegMean (:mod:`fedmerge.regmean`: every
+    layer fitted by least squares from the Gram matrices of the clients' own layer inputs, mapped by
+    their alignments; :mod:`strategies.federated_regmean`), alone and followed by federated REPAIR.  The simulation's run of the same setting
     (``simulations/run.py ... --repair federated``) gives the same global model.
 """
 
@@ -41,6 +43,7 @@ from typing import Any, Sequence
 import torch
 
 import fedmerge
+import fedmerge.regmean
 from fedmerge.data import load_dataset
 from fedmerge.models import MLP
 from fedmerge.repair import PASSES, TARGETS, find_repair_points, fold_repair, unit_statistics
@@ -53,6 +56,9 @@ from .output import markdown_table, write_json
 
 MODULE = "simulations.benchmarks.repair"
 SECTIONS = ("table1", "table1-cnn", "two-models", "one-shot")
+EFFORTS = ("strategy", "library")
+#: table1-cnn: default SGD learning rate per architecture.
+CNN_LR = {"resnet20": 0.05, "vgg16": 0.01}
 
 #: The C²M³ paper's Table 1, MLP column (EMNIST; 5 models): test accuracy.
 PAPER_TABLE1 = {"naive": 0.03, "mergemany": 0.86, "mergemany+repair": 0.86, "c2m3": 0.87, "c2m3+repair": 0.87}
@@ -74,16 +80,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="mnist", help="table1-cnn dataset (default: mnist, the stand-in)")
     p.add_argument("--data-dir", default=None, help="table1-cnn: directory of the non-bundled datasets")
     p.add_argument("--cnn-models", type=parse_choice_list(("resnet20", "vgg16")), default=["resnet20"],
-                   help="table1-cnn architectures, resnet20 and/or vgg16 (default: resnet20; VGG-16 without "
-                        "normalisation does not train in the stand-in's 2 epochs at lr 0.05)")
+                   help="table1-cnn architectures, resnet20 and/or vgg16 (default: resnet20; training 5 VGG-16 "
+                        "takes about half an hour on 2 cores)")
     p.add_argument("--cnn-train-samples", type=int, default=10000,
                    help="table1-cnn: training samples per model (default: 10000)")
     p.add_argument("--cnn-epochs", type=int, default=2, help="table1-cnn: training epochs (default: 2)")
     p.add_argument("--cnn-width", type=float, default=0.5, help="table1-cnn: width multiplier (default: 0.5)")
+    p.add_argument("--cnn-lr", type=float, default=None,
+                   help="table1-cnn: SGD learning rate (default: 0.05 for resnet20, 0.01 for vgg16, which has no "
+                        "normalisation and does not train at 0.05)")
     p.add_argument("--partitions", type=parse_choice_list(("iid", "dirichlet")), default=["iid", "dirichlet"],
                    help="one-shot partitions (default: iid,dirichlet)")
     p.add_argument("--clients", type=int, default=20, help="one-shot clients (default: 20)")
     p.add_argument("--local-epochs", type=int, default=5, help="one-shot local epochs (default: 5)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="one-shot: the simulation's seed (partitions, client inits, local training; default: 0)")
+    p.add_argument("--efforts", type=parse_choice_list(EFFORTS), default=list(EFFORTS),
+                   help="one-shot: C²M³ with the C2M3 strategy's options (strategy) and/or the library's "
+                        "defaults (library) (default: strategy,library)")
     p.add_argument("--max-train-samples", type=int, default=0,
                    help="one-shot: the simulation's max-train-samples (default: 0, the whole set)")
     add_common_arguments(p)
@@ -154,10 +168,12 @@ def _trained_cnns(name: str, args, train_set, progress) -> list[dict]:
     from fedmerge.models import build_model
     from .models import bench_cache_dir
     kwargs = {"width": args.cnn_width, **({"norm": "batchnorm"} if name == "resnet20" else {})}
+    lr = args.cnn_lr if args.cnn_lr is not None else CNN_LR[name]
+    tag = "" if lr == 0.05 else f"-lr{lr:g}"  # (the first caches were all trained at 0.05)
     out = []
     for seed in range(5):
         path = bench_cache_dir(args.cache_dir) / (f"{name}-w{args.cnn_width:g}-{train_set.name}-n{args.cnn_train_samples}"
-                                                  f"-e{args.cnn_epochs}-seed{seed}.pt")
+                                                  f"-e{args.cnn_epochs}{tag}-seed{seed}.pt")
         if path.exists():
             out.append(torch.load(path, weights_only=True))
             continue
@@ -166,7 +182,7 @@ def _trained_cnns(name: str, args, train_set, progress) -> list[dict]:
         index = torch.randperm(train_set.images.shape[0], generator=torch.Generator().manual_seed(seed))
         index = index[:args.cnn_train_samples]
         train(model, train_set.images[index], train_set.labels[index], epochs=args.cnn_epochs, batch_size=64,
-              lr=0.05, momentum=0.9, seed=seed, device="cpu")
+              lr=lr, momentum=0.9, seed=seed, device="cpu")
         sd = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(sd, path)
@@ -205,6 +221,17 @@ def table1_cnn(args, progress) -> list[dict[str, Any]]:
             rows.append({"model": name, "method": f"{method}†", "test_acc": _accuracy(model, repaired, test.images, test.labels)["accuracy"],
                          "paper_test_acc": paper.get(f"{method}+repair")})
             progress(f"table1-cnn {name} {method}: {rows[-2]['test_acc']:.4f} -> {rows[-1]['test_acc']:.4f}")
+            if align is None:
+                continue
+            # RegMean (each layer fitted on the aligned models' inputs to it, on the calibration images)
+            fitted = fedmerge.regmean.regmean_average(aligned, model=model, inputs=calib)
+            if name == "resnet20":
+                rows.append({"model": name, "method": f"{method} + RegMean + RESET",
+                             "test_acc": _accuracy(model, reset_batchnorm(model, fitted, calib), test.images,
+                                                   test.labels)["accuracy"]})
+            fitted = fedmerge.repair.repair(fitted, aligned, model=model, inputs=calib, reset=name == "resnet20")
+            rows.append({"model": name, "method": f"{method} + RegMean†",
+                         "test_acc": _accuracy(model, fitted, test.images, test.labels)["accuracy"]})
     return rows
 
 
@@ -258,7 +285,7 @@ def one_shot(args, progress, partition: str) -> dict[str, Any]:
                                   train_seed)
     from strategies import C2M3
     cfg = ClientConfig.from_mapping({"num-clients": args.clients, "local-epochs": args.local_epochs,
-                                     "partition": partition, "init": "independent", "seed": 0,
+                                     "partition": partition, "init": "independent", "seed": args.seed,
                                      "max-train-samples": args.max_train_samples, "threads": 0})
     from .models import bench_cache_dir
     cache = bench_cache_dir(args.cache_dir) / (f"oneshot-{partition}-c{args.clients}-e{args.local_epochs}"
@@ -296,9 +323,18 @@ def one_shot(args, progress, partition: str) -> dict[str, Any]:
             {"model": "ensemble of the clients (mean softmax)", "test_acc": ensemble}]
     plain = fedmerge.merge(sds, align=None, weights=weights)
     rows.append({"model": "plain averaging (FedAvg)", "test_acc": _accuracy(model, plain, images, labels)["accuracy"]})
+    from fedmerge.regmean import DEFAULT_ALPHA, input_grams, map_grams, regmean_average
+    from strategies import federated_regmean as frm
+    from strategies.federated_repair import record_bytes
+    own_grams = [input_grams(model, c["state_dict"], c["images"]) for c in clients]  # each client's own
+    grams_bytes = record_bytes(frm.encode_grams(own_grams[0]))
+    unaligned = regmean_average(sds, weights, grams=own_grams)
+    rows.append({"model": f"RegMean without alignment (α={DEFAULT_ALPHA:g})",
+                 "test_acc": _accuracy(model, unaligned, images, labels)["accuracy"]})
     strategy_options = C2M3(model=model).match_options
     calib = load_dataset("mnist").images[torch.randperm(60000, generator=torch.Generator().manual_seed(1))[:1000]]
-    for effort, options in (("C2M3 strategy options", strategy_options), ("library defaults", {})):
+    efforts = {"strategy": ("C2M3 strategy options", strategy_options), "library": ("library defaults", {})}
+    for effort, options in (efforts[e] for e in args.efforts):
         t = time.perf_counter()
         merged, result = fedmerge.merge(sds, align="c2m3", model=model, weights=weights, full_output=True,
                                         align_options=options)
@@ -313,12 +349,26 @@ def one_shot(args, progress, partition: str) -> dict[str, Any]:
             rows.append({"model": f"{label} + {name}", "test_acc": _accuracy(model, out, images, labels)["accuracy"],
                          "seconds": time.perf_counter() - t})
         aligned = [fedmerge.apply_transform(sd, spec, tr) for sd, tr in zip(sds, result.transforms)]
+        mapped = [map_grams(g, spec, tr) for g, tr in zip(own_grams, result.transforms)]
+        for alpha in (DEFAULT_ALPHA, 1.0):  # the clients' Grams, mapped by their alignments (no extra round trip)
+            t = time.perf_counter()
+            fitted = regmean_average(aligned, weights, grams=mapped, alpha=alpha)
+            rows.append({"model": f"{label} + federated RegMean (α={alpha:g})",
+                         "test_acc": _accuracy(model, fitted, images, labels)["accuracy"],
+                         "seconds": time.perf_counter() - t})
+            if alpha == DEFAULT_ALPHA:
+                t = time.perf_counter()
+                out = _federated_repair(model, fitted, clients, result.transforms, spec)
+                rows.append({"model": f"{label} + federated RegMean (α={alpha:g}) + federated REPAIR",
+                             "test_acc": _accuracy(model, out, images, labels)["accuracy"],
+                             "seconds": time.perf_counter() - t})
         for target in TARGETS:
             out = fedmerge.repair.repair(merged, aligned, weights, model=model, inputs=calib, target=target)
             rows.append({"model": f"{label} + server REPAIR (1000 samples, {target})",
                          "test_acc": _accuracy(model, out, images, labels)["accuracy"]})
         progress(f"one-shot {partition}: {effort} done")
-    return {"partition": partition, "rows": rows, "client_train_seconds": train_seconds}
+    return {"partition": partition, "rows": rows, "client_train_seconds": train_seconds,
+            "regmean_grams_bytes_per_client": grams_bytes}
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -352,8 +402,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         out["one_shot"] = [one_shot(args, progress, p) for p in args.partitions]
         for block in out["one_shot"]:
             print(f"\nOne-shot federated merge: {args.clients} clients ({block['partition']}), "
-                  f"{args.local_epochs} local epochs, independent inits\n")
+                  f"{args.local_epochs} local epochs, independent inits, seed {args.seed}\n")
             print(markdown_table(block["rows"], ["model", "test_acc", "seconds"]))
+            print(f"\nRegMean: {block['regmean_grams_bytes_per_client']} bytes of Gram matrices per client")
     if args.out:
         write_json(args.out, out)
     return out
