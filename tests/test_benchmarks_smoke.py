@@ -138,3 +138,20 @@ def test_round_time_sequential_loop_does_the_federated_work():
     assert len(times) == 2 and all(t > 0 for t in times)
     assert accuracy > 0.5  # it really trains and averages (chance: 0.1)
     assert "--clients" in round_time.build_parser().format_help()
+
+
+def test_c2m3_scaling_smoke(tmp_path, capsys):
+    """Each row runs in its own worker process; none may fail, and memory and counts are reported."""
+    from simulations.benchmarks import c2m3_scaling
+    out = tmp_path / "scaling.json"
+    c2m3_scaling.main(["mlp", "--sizes", "2,3", "--widths", "16,16", "--methods", "git-rebasin,c2m3,c2m3-paper",
+                       "--max-iter", "3", "--refine", "2", "--no-progress", "--out", str(out)])
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["n"], r["method"]) for r in rows] == [(n, m) for n in (2, 3) for m in ("git-rebasin", "c2m3",
+                                                                                       "c2m3-paper")]
+    for r in rows:
+        assert "error" not in r, r
+        assert 1 <= r["nit"] <= 3 and math.isfinite(r["objective"]) and r["laps"] > 0
+        assert r["peak_rss_mib"] >= r["rss_models_mib"] > 0
+        assert r["cycle_error"] == 0.0
+    assert "Git Re-Basin (to model 0)" in capsys.readouterr().out

@@ -120,7 +120,7 @@ def worker(config: dict) -> dict:
     options = dict(extra)
     if config.get("max_iter") is not None:
         options["max_iter"] = config["max_iter"]
-    if config.get("refine") is not None and not options.get("paper"):
+    if config.get("refine") is not None and name == "c2m3" and not options.get("paper"):  # a C²M³ option only
         options["refine"] = config["refine"]
     stamps: list[tuple[str, float]] = []
     progress = config.get("progress", False)
