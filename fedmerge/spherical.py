@@ -24,10 +24,10 @@ of a small layer is averaged with weights it did not choose, and its norm is not
 
 Which norm.  Restoring the weighted mean of the norms treats the models as equally good points
 at one radius and the barycenter as another; that holds when their directions are close.  When
-they are far apart (aligned but barely correlated models: pairwise cosines of 0.06–0.2 per hidden
-tensor for 20 one-shot clients in BENCHMARKS.md (f)) the components that differ between models
+they are far apart (aligned but barely correlated models, such as one-shot clients trained from
+independent inits: BENCHMARKS.md (f) measures how far) the components that differ between models
 cancel in the barycenter's direction, and rescaling it to a model's norm amplifies what they share
-— by 2–3× per hidden layer, compounding through a ReLU network (logits 18× the clients').
+in every hidden layer, compounding through a ReLU network.
 ``restore_norm="projection"`` (the averager ``"spherical-projection"``: ``merge(average=...)``,
 ``--average``) gives the direction the models' mean length along it instead.
 

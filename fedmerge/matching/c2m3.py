@@ -127,8 +127,8 @@ def c2m3_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec: Symme
         After a certified start, run one Frank-Wolfe iteration (default ``True``), which finds step
         size 0: the certificate also bounds the relaxation (doubly-stochastic maps do not increase
         norms), so it cannot find ascent.  ``False`` returns the certified start with ``nit == 0``;
-        the iteration costs one gradient, i.e. about one weight-matching sweep of every model (on
-        VGG-11's 25088×4096 classifier, minutes on a 2-core CPU).
+        the iteration costs one gradient, i.e. about one weight-matching sweep of every model
+        (dominated by the largest layers, such as VGG's 25088×4096 classifier; BENCHMARKS.md (a)).
     paper:
         ``True``: the paper's algorithm, i.e. ``init="identity", refine=0``; giving another
         ``init`` or ``refine`` with it is an error.
