@@ -167,6 +167,21 @@ def _improves(kind: str, new: float, old: float) -> bool:
 
 
 # --------------------------------------------------------------------------- weight-based alignment
+def _end_sweep(history: list[float], value: float, callback: Callback | None, nit: int, max_iter: int, tol: float,
+               what: str) -> tuple[bool, bool, str | None]:
+    """Record a sweep's objective and report it: ``(stop, converged, message)``.
+
+    Stops when the callback asks to (not converged) or when the sweep gained less than ``tol``
+    (relative) over the previous one.
+    """
+    history.append(value)
+    if report(callback, method="orthogonal", phase="sweep", nit=nit, max_iter=max_iter, objective=value):
+        return True, False, STOPPED
+    if value - history[-2] <= tol * max(1.0, abs(value)):
+        return True, True, f"{what}: a sweep improved the objective by less than tol"
+    return False, False, None
+
+
 def _forward_order(spec: SymmetrySpec) -> list[str]:
     """Groups in the order their producing layers (axis 0 of a weight) appear in the state_dict."""
     order: list[str] = []
@@ -303,14 +318,9 @@ def _activation_alignment(state_dicts, spec: SymmetrySpec, search: SymmetrySpec,
                 if _improves(kind.kind, kind.score(score, new), kind.score(score, transforms[i][g])):
                     transforms[i][g] = new
                     mats[g][i] = kind.matrix(new).double()
-        history.append(objective())
-        gain = history[-1] - history[-2]
-        if report(callback, method="orthogonal", phase="sweep", nit=sweeps, max_iter=max_iter,
-                  objective=history[-1]):
-            message = STOPPED
-            break
-        if gain <= tol * max(1.0, abs(history[-1])):
-            converged, message = True, "activation Procrustes: a sweep improved the objective by less than tol"
+        stop, done, why = _end_sweep(history, objective(), callback, sweeps, max_iter, tol, "activation Procrustes")
+        if stop:
+            converged, message = done, why
             break
     return transforms, sweeps, converged, message, history
 
@@ -446,14 +456,9 @@ def orthogonal_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec:
                 for k in total:
                     total[k] += moved[k].double() - aligned[i][k].double()
                 transforms[i], aligned[i] = new, moved
-            history.append(objective())
-            gain = history[-1] - history[-2]
-            if report(callback, method="orthogonal", phase="sweep", nit=nit, max_iter=max_iter,
-                      objective=history[-1]):
-                message = STOPPED
-                break
-            if gain <= tol * max(1.0, abs(history[-1])):
-                converged, message = True, "generalised Procrustes: a sweep improved the objective by less than tol"
+            stop, done, why = _end_sweep(history, objective(), callback, nit, max_iter, tol, "generalised Procrustes")
+            if stop:
+                converged, message = done, why
                 break
 
     out = {"nit": nit, "converged": converged, "message": message, "history": history}

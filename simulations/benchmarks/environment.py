@@ -55,3 +55,18 @@ def format_environment(env: Mapping[str, Any]) -> str:
     if env.get("cuda"):
         lines.append(f"GPU: {env['cuda']}")
     return "\n".join(lines)
+
+
+def begin(module: str, parse, argv: Sequence[str] | None = None) -> tuple[Any, list[str], dict[str, Any]]:
+    """The start of every benchmark's ``main``: ``(args, argv, environment)``.
+
+    Parses ``argv`` (``sys.argv[1:]`` if None) with ``parse``, makes stdout UTF-8, sets the torch
+    threads of ``args.threads`` and records the environment of the command.
+    """
+    import sys
+    from .cli import ensure_stdout_utf8
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse(argv)
+    ensure_stdout_utf8()
+    set_threads(args.threads)
+    return args, argv, environment(module, argv)

@@ -41,9 +41,9 @@ import torch
 
 import fedmerge
 from fedmerge.models import MLP, ResNet20
-from simulations.benchmarks.cli import (add_common_arguments, ensure_stdout_utf8, int_at_least, parse_choice_list,
+from simulations.benchmarks.cli import (add_common_arguments, int_at_least, parse_choice_list,
                                         parse_int_list, positive_float, positive_int, torch_device)
-from simulations.benchmarks.environment import environment, format_environment, set_threads
+from simulations.benchmarks.environment import begin, format_environment
 from simulations.benchmarks.models import PAPER_WIDTHS, method_call, mlp_name, random_models, trained_mlps, warmup
 from simulations.benchmarks.output import finish, markdown_table
 
@@ -200,11 +200,7 @@ def _mnist_accuracy(widths, device):
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    ensure_stdout_utf8()
-    set_threads(args.threads)
-    env = environment(MODULE, argv)
+    args, argv, env = begin(MODULE, build_parser().parse_args, argv)
     device = torch.device(args.device)
     widths = tuple(args.widths)
     name = mlp_name(widths)

@@ -33,9 +33,9 @@ import fedmerge
 from fedmerge.data import load_dataset
 from fedmerge.models import MLP
 from fedmerge.training import evaluate
-from simulations.benchmarks.cli import (add_common_arguments, ensure_stdout_utf8, parse_choice_list, parse_int_list,
+from simulations.benchmarks.cli import (add_common_arguments, parse_choice_list, parse_int_list,
                                         positive_int, torch_device)
-from simulations.benchmarks.environment import environment, format_environment, set_threads
+from simulations.benchmarks.environment import begin, format_environment
 from simulations.benchmarks.models import PAPER_WIDTHS, method_call, mlp_name, trained_mlps, warmup
 from simulations.benchmarks.output import finish, markdown_table
 
@@ -110,11 +110,7 @@ def _summary(values: Sequence[float]) -> dict[str, float]:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = _parse(argv)
-    ensure_stdout_utf8()
-    set_threads(args.threads)
-    env = environment(MODULE, argv)
+    args, argv, env = begin(MODULE, _parse, argv)
     widths = tuple(args.widths)
     name = mlp_name(widths)
     paper_setting = widths == PAPER_WIDTHS and args.train_size is None and args.test_size is None

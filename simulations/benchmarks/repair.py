@@ -49,8 +49,8 @@ from fedmerge.models import MLP
 from fedmerge.repair import PASSES, TARGETS, find_repair_points, fold_repair, unit_statistics
 from fedmerge.training import evaluate, train
 
-from .cli import add_common_arguments, ensure_stdout_utf8, parse_choice_list, parse_int_list
-from .environment import environment, format_environment, set_threads
+from .cli import add_common_arguments, parse_choice_list, parse_int_list
+from .environment import begin, format_environment
 from .models import PAPER_WIDTHS, trained_mlps
 from .output import markdown_table, write_json
 
@@ -372,11 +372,7 @@ def one_shot(args, progress, partition: str) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    ensure_stdout_utf8()
-    set_threads(args.threads)
-    env = environment(MODULE, argv)
+    args, argv, env = begin(MODULE, build_parser().parse_args, argv)
     progress = (lambda text: print(text, file=sys.stderr, flush=True)) if args.progress else (lambda text: None)
     out: dict[str, Any] = {"environment": env}
     print(format_environment(env))
