@@ -27,7 +27,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from .averaging import weighted_average
-from .diagnostics import cycle_error, matching_objective
+from .diagnostics import MATCH_CYCLE_TRIPLES, cycle_error, matching_objective
 from .matching import MatchResult, c2m3_matching, git_rebasin_matching, mergemany_matching
 from .matching.orthogonal import orthogonal_matching
 from .regmean import regmean_average
@@ -191,7 +191,7 @@ def _align(state_dicts: list[dict[str, torch.Tensor]], spec: SymmetrySpec, name:
         out["objective"] = matching_objective(state_dicts, spec, out["transforms"]) if n > 1 else 0.0
     result = MatchResult(method=name, n_models=n, seconds=seconds, success=out["converged"], **out)
     result.perms = result.transforms
-    result.cycle_error = cycle_error(result.pairwise, n)
+    result.cycle_error = cycle_error(result.pairwise, n, max_triples=MATCH_CYCLE_TRIPLES)
     return result
 
 
