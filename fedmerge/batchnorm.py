@@ -20,7 +20,13 @@ function.  With calibration ``inputs`` it *re-estimates* the running statistics 
 ``μ, σ²`` become the statistics of each BatchNorm's input on the inputs and ``γ = sqrt(σ² + ε)``,
 ``β = μ + b'``, so the function is unchanged and a train-mode pass over data like the inputs
 computes (nearly) the same function as eval mode — the state a client can keep training from.
-Without inputs the statistics are the identity (``μ = 0``, ``σ² = 1``, ``γ = sqrt(1 + ε)``).
+Without inputs the statistics are the identity (``μ = 0``, ``σ² = 1``, ``γ = sqrt(1 + ε)``), or,
+data-free, ``statistics=`` estimates of them: :meth:`BatchNormFolding.merged_statistics` takes the
+models' own running statistics, expressed in the folded producer's units (``s (μ - b)`` and
+``s² σ²``), moves them with each model's alignment map and averages them with the merge weights.
+The eval-mode function is exact whatever the statistics; they decide what train mode computes
+(batch statistics replace them, ``γ`` and ``β`` stay), so a model that clients go on training
+should get the closest estimate available.
 A classic RESET of an *interpolated* BatchNorm model changes its function because the running
 statistics of an interpolation are not the interpolation of running statistics; a merge of folded
 models has no such statistics, so there is nothing to reset, and the variance collapse of
@@ -28,7 +34,10 @@ averaging is what REPAIR corrects (on the folded model, where its repair points 
 producers' outputs — the same units as the BatchNorm outputs of the original).
 
 :func:`merge` is the whole pipeline: fold every model, :func:`fedmerge.merge` the folded models
-(any ``align``/``average``/``repair``; REPAIR runs on the folded template), unfold.
+(any ``align``/``average``/``repair``; REPAIR runs on the folded template), unfold (statistics
+re-estimated on calibration inputs when given, otherwise the data-free estimate above).  The
+federated strategies do the same when their alignment rotates BatchNorm channels
+(``strategies.MergingStrategy``, ``fold_batchnorm=``).
 
 A ``Linear`` followed by ``BatchNorm1d`` is folded on the assumption that its input is
 ``(batch, features)`` (BatchNorm1d on a 3-D input normalises axis 1, not the features).
@@ -149,18 +158,25 @@ class BatchNormFolding:
                 out.pop(f"{norm}.{k}", None)
         return {k: out[k] for k in self.model.state_dict()}
 
-    def unfold(self, state_dict: StateDict, inputs: torch.Tensor | Iterable | None = None
+    def unfold(self, state_dict: StateDict, inputs: torch.Tensor | Iterable | None = None, *,
+               statistics: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None
                ) -> dict[str, torch.Tensor]:
         """A folded state_dict back in the BatchNorm architecture, computing the same eval-mode function.
 
         With calibration ``inputs`` the running statistics are those of each BatchNorm's input on
-        them (RESET) and ``γ``, ``β`` compensate; otherwise the statistics are the identity.
+        them (RESET) and ``γ``, ``β`` compensate.  ``statistics`` (``{producer: (mean, var)}`` of
+        ``W' x``, e.g. :meth:`merged_statistics`) gives them instead, without data; producers it
+        leaves out, and every producer when neither is given, get the identity statistics.
         """
         self._check(state_dict, [f"{p}.{k}" for p, _ in self.pairs for k in ("weight", "bias")], "unfold")
+        if inputs is not None and statistics is not None:
+            raise ValueError("unfold: give calibration inputs or statistics, not both")
         template = self.original.state_dict()
         stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         if inputs is not None:
             stats = self._input_statistics(state_dict, inputs)
+        elif statistics is not None:
+            stats = self._checked_statistics(statistics, state_dict)
         out = dict(state_dict)
         for prod, norm in self.pairs:
             w, bias = state_dict[f"{prod}.weight"], state_dict[f"{prod}.bias"].double()
@@ -187,6 +203,87 @@ class BatchNormFolding:
             if f"{norm}.num_batches_tracked" in template:
                 out[f"{norm}.num_batches_tracked"] = torch.zeros_like(template[f"{norm}.num_batches_tracked"])
         return {k: out[k] for k in template}
+
+    def statistics(self, state_dict: StateDict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """A BatchNorm state_dict's running statistics in its folded producers' units, without data.
+
+        ``{producer: (mean, var)}`` of ``W' x`` (the folded producer's output without its bias):
+        ``s (μ - b)`` and ``s² σ²`` with ``s = γ / sqrt(σ² + ε)`` and ``b`` the producer's own bias
+        (zero if it has none) — what the running statistics say about the folded model's units.
+        """
+        keys = [f"{n}.{k}" for _, n in self.pairs for k in ("running_mean", "running_var")]
+        self._check(state_dict, keys, "statistics")
+        out = {}
+        for prod, norm in self.pairs:
+            mean = state_dict[f"{norm}.running_mean"].double()
+            var = state_dict[f"{norm}.running_var"].double()
+            gamma = state_dict.get(f"{norm}.weight")
+            s = (torch.ones_like(var) if gamma is None else gamma.double()) / (var + self._eps[norm]).sqrt()
+            b = state_dict.get(f"{prod}.bias")
+            b = torch.zeros_like(mean) if b is None else b.double()
+            out[prod] = (s * (mean - b), s * s * var)
+        return out
+
+    def merged_statistics(self, state_dicts: Sequence[StateDict],
+                          transforms: Sequence[Mapping[str, Any]] | None = None,
+                          weights: Sequence[float] | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """A data-free estimate of a merged folded model's statistics, for :meth:`unfold` (``statistics=``).
+
+        Every BatchNorm model's :meth:`statistics`, moved into the common space with its map of
+        ``transforms`` (one ``{group: element}`` per model on :attr:`spec`, as a merge of the
+        folded models returns them; ``None``: the models' own space) and averaged with the
+        ``weights``.  A map with matrix ``M`` moves the means exactly (``Mᵀ μ``) and the variances
+        as if the units were uncorrelated (``(M ∘ M)ᵀ σ²``, exact for permutations).  These are the
+        statistics of the merged model itself only as far as the merge keeps the models'
+        statistics; calibration inputs (``unfold(sd, inputs)``) measure them instead.
+        """
+        from .validation import normalize_weights
+
+        if not state_dicts:
+            raise ValueError("merged_statistics: no state_dicts given")
+        if transforms is not None and len(transforms) != len(state_dicts):
+            raise ValueError(f"merged_statistics: {len(transforms)} transforms for {len(state_dicts)} state_dicts")
+        if transforms is not None and self.spec is None:
+            raise ValueError("merged_statistics: transforms act on the folded spec, and this folding has none")
+        w = normalize_weights(weights, len(state_dicts))
+        device = next(iter(state_dicts[0].values())).device
+        out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for i, sd in enumerate(state_dicts):
+            for prod, (mean, var) in self.statistics(sd).items():
+                mean, var = mean.to(device), var.to(device)
+                g = self.spec.axes[f"{prod}.weight"][0] if transforms is not None else None
+                if g is not None and g in transforms[i]:
+                    m = self.spec.group(g).matrix(transforms[i][g]).to(device=device, dtype=torch.float64)
+                    mean, var = m.T @ mean, (m * m).T @ var
+                if prod in out:
+                    out[prod] = (out[prod][0] + w[i] * mean, out[prod][1] + w[i] * var)
+                else:
+                    out[prod] = (w[i] * mean, w[i] * var)
+        return out
+
+    def _checked_statistics(self, statistics: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+                            state_dict: StateDict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        if not isinstance(statistics, Mapping):
+            raise TypeError(f"statistics must be a mapping {{producer: (mean, var)}}, got {type(statistics).__name__}")
+        producers = {p for p, _ in self.pairs}
+        out = {}
+        for prod, value in statistics.items():
+            if prod not in producers:
+                raise ValueError(f"statistics: {prod!r} is not a folded producer (folded: {sorted(producers)})")
+            try:
+                mean, var = value
+            except (TypeError, ValueError):
+                raise ValueError(f"statistics[{prod!r}] must be a pair (mean, var)") from None
+            d = state_dict[f"{prod}.bias"].shape[0]
+            mean, var = torch.as_tensor(mean).double(), torch.as_tensor(var).double()
+            if mean.shape != (d,) or var.shape != (d,):
+                raise ValueError(f"statistics[{prod!r}]: expected mean and var of shape ({d},), got "
+                                 f"{tuple(mean.shape)} and {tuple(var.shape)}")
+            if not (bool(torch.isfinite(mean).all()) and bool(torch.isfinite(var).all()) and bool((var >= 0).all())):
+                raise ValueError(f"statistics[{prod!r}]: the mean must be finite and the variance finite and >= 0")
+            device = state_dict[f"{prod}.bias"].device
+            out[prod] = (mean.to(device), var.to(device))
+        return out
 
     def _input_statistics(self, state_dict: StateDict, inputs) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Per folded producer, the mean and (population) variance of ``W' x`` (its output without the bias)."""
@@ -275,8 +372,10 @@ def merge(state_dicts: Sequence[StateDict], *, model: nn.Module, spec: SymmetryS
     here is the BatchNorm model's and is folded too; a spec in ``align_options`` must be the
     folded one), and the merged state_dict is unfolded, its running statistics re-estimated on
     ``unfold_inputs`` if given (otherwise on REPAIR's calibration inputs if ``repair`` has them,
-    otherwise the identity).  ``full_output=True`` also returns the :class:`MatchResult` (its
-    transforms act on the folded models) and the :class:`BatchNormFolding`.
+    otherwise estimated without data from the models' own running statistics, moved by their maps
+    and averaged with the merge weights: :meth:`BatchNormFolding.merged_statistics`).
+    ``full_output=True`` also returns the :class:`MatchResult` (its transforms act on the folded
+    models) and the :class:`BatchNormFolding`.
     """
     from .api import merge as merge_folded
 
@@ -295,5 +394,10 @@ def merge(state_dicts: Sequence[StateDict], *, model: nn.Module, spec: SymmetryS
             unfold_inputs = repair
         else:
             unfold_inputs = (merge_options.get("repair_options") or {}).get("inputs")
-    out = folding.unfold(merged, unfold_inputs)
+    if unfold_inputs is not None:
+        out = folding.unfold(merged, unfold_inputs)
+    else:
+        transforms = result.transforms if result.transforms and folding.spec is not None else None
+        out = folding.unfold(merged, statistics=folding.merged_statistics(state_dicts, transforms,
+                                                                          merge_options.get("weights")))
     return (out, result, folding) if full_output else out

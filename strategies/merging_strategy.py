@@ -15,6 +15,16 @@ Sampling, message construction, client evaluation and the round loop (``start``)
 own layer inputs (RegMean, :mod:`fedmerge.regmean`), from Gram matrices the clients send with
 their updates (:mod:`strategies.federated_regmean`).
 
+BatchNorm and rotations: an alignment that searches rotations of units carrying BatchNorm
+statistics (the ``orthogonal`` strategy with ``relax=True``, or a group the spec declares
+orthogonal) folds every BatchNorm into the layer that produces its input first
+(:mod:`fedmerge.batchnorm`), aligns and averages the folded models, and unfolds the merge into
+the BatchNorm architecture (``fold_batchnorm=``; the same pipeline as
+``fedmerge.batchnorm.merge``).  The running statistics of the new global model are re-estimated
+on the server's calibration inputs with ``repair="server"``, and otherwise estimated without
+data from the clients' own statistics moved by their maps
+(:meth:`fedmerge.batchnorm.BatchNormFolding.merged_statistics`).
+
 ``repair`` renormalises the merged model's activations before the round ends (REPAIR,
 :mod:`fedmerge.repair`): ``"federated"`` from per-unit sums the clients send, with one extra round
 trip (:mod:`strategies.federated_repair`), ``"server"`` on a calibration set the server holds.
@@ -76,6 +86,14 @@ class MergingStrategy(FedAvg):
         The server's calibration inputs for ``repair="server"`` (a tensor or an iterable of batches).
     repair_options:
         Options of :func:`fedmerge.repair.repair` for ``repair="server"`` (``target``, ``passes``...).
+    fold_batchnorm:
+        ``None`` (default): fold BatchNorm into the producing layers exactly when the alignment
+        searches rotations of groups that carry BatchNorm statistics (:meth:`rotated_groups`);
+        ``True``: always (the model must have a BatchNorm directly after a Linear/Conv);
+        ``False``: never (a search over rotations then runs on the unfolded weights, and a
+        group declared orthogonal that carries BatchNorm is refused by the aligner).  Needs
+        ``model``; not combined with ``average="regmean"``.  The matching diagnostics
+        (``match_objective``...) are then those of the folded models.
     **fedavg_kwargs:
         Flower ``FedAvg``'s own arguments (``fraction_train``, ``min_available_nodes``,
         ``weighted_by_key``...).
@@ -89,6 +107,9 @@ class MergingStrategy(FedAvg):
         The :class:`fedmerge.matching.MatchResult` of the last merge (``None`` before any).
     left_out_repair:
         ``{server_round: [LeftOut, ...]}``: clients whose statistics were not used, and why.
+    folding:
+        The :class:`fedmerge.batchnorm.BatchNormFolding` the merges go through (``None``: the
+        models are merged as they are).
     """
 
     #: Alignment passed to ``fedmerge.merge`` (``None``: plain weighted mean).
@@ -97,7 +118,8 @@ class MergingStrategy(FedAvg):
     def __init__(self, *, spec: PermutationSpec | None = None, model: torch.nn.Module | None = None,
                  device: str | torch.device | None = "auto", match_options: Mapping[str, Any] | None = None,
                  average: str = "mean", repair: str = fr.REPAIR_MODES[0], repair_inputs: Any = None,
-                 repair_options: Mapping[str, Any] | None = None, **fedavg_kwargs: Any) -> None:
+                 repair_options: Mapping[str, Any] | None = None, fold_batchnorm: bool | None = None,
+                 **fedavg_kwargs: Any) -> None:
         super().__init__(**fedavg_kwargs)
         if average not in AVERAGERS:
             raise ValueError(f"unknown average {average!r}; choose one of {', '.join(AVERAGERS)}")
@@ -111,6 +133,7 @@ class MergingStrategy(FedAvg):
             raise ValueError("repair='server' needs repair_inputs=<the server's calibration inputs>")
         if repair != "server" and (repair_inputs is not None or repair_options):
             raise ValueError("repair_inputs and repair_options are for repair='server'")
+        self._spec_given = spec is not None
         if spec is None and model is not None:
             from fedmerge.tracing import spec_for
             spec = spec_for(model)
@@ -131,6 +154,7 @@ class MergingStrategy(FedAvg):
         self.repair = repair
         self.repair_inputs = repair_inputs
         self.repair_options: dict[str, Any] = dict(repair_options or {})
+        self.folding = self._batchnorm_folding(fold_batchnorm)
         self._regmean_dims = frm.layer_dims(model, regmean_layers(model)) if average == "regmean" else {}
         self._repair_points = find_repair_points(model, spec) if repair == "federated" else []
         self._repair_sizes = fr.point_sizes(model, self._repair_points) if self._repair_points else {}
@@ -139,11 +163,47 @@ class MergingStrategy(FedAvg):
         self._train_config: ConfigRecord | None = None
         self._timeout = 3600.0
 
+    def rotated_groups(self) -> list[str]:
+        """The spec's groups that this strategy's alignment searches over rotations (none by default).
+
+        The permutation aligners (Git Re-Basin, MergeMany, C²M³) solve every group over
+        permutations; :class:`~strategies.orthogonal.Orthogonal` overrides this.
+        """
+        return []
+
+    def _batchnorm_folding(self, fold: bool | None):
+        """The BatchNorm folding the merges go through, or ``None`` (see ``fold_batchnorm``)."""
+        if fold not in (None, True, False):
+            raise ValueError(f"fold_batchnorm must be None (automatic), True or False, got {fold!r}")
+        if fold is False or self.align is None and fold is None:
+            return None
+        if fold is None:
+            with_bn = [g for g in self.rotated_groups()
+                       if any(k.rsplit(".", 1)[-1] == "running_var" for k, _ in self.spec.groups[g])]
+            if not with_bn:
+                return None
+            if self.model is None:
+                log(WARNING, "%s searches rotations of groups that carry BatchNorm statistics (%s) but has no "
+                    "model= to fold BatchNorm with: the search runs on the unfolded weights", type(self).__name__,
+                    ", ".join(with_bn))
+                return None
+        if self.model is None:
+            raise ValueError("fold_batchnorm=True needs model=<the nn.Module> (folding traces its BatchNorm layers)")
+        if self.average == "regmean":
+            raise ValueError("fold_batchnorm with average='regmean' is not supported: RegMean fits the layers of "
+                             "the model the clients' Gram matrices were computed on")
+        from fedmerge.batchnorm import fold_batchnorm
+        has_own = callable(getattr(self.model, "permutation_spec", None))
+        return fold_batchnorm(self.model, self.spec if self._spec_given or has_own else None)
+
     def summary(self) -> None:
         super().summary()
         options = ", ".join(f"{k}={v!r}" for k, v in self.match_options.items()) or "defaults"
         log(INFO, "\t└──> Merging: fedmerge.merge(align=%r, average=%r) on %s, options: %s, repair: %s",
             self.align, self.average, self.device, options, self.repair)
+        if self.folding is not None:
+            log(INFO, "\t└──> BatchNorm folded into %d producing layers for the merge, unfolded after",
+                len(self.folding.pairs))
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
               **kwargs: Any):
@@ -190,6 +250,8 @@ class MergingStrategy(FedAvg):
         weights = [u.num_examples for u in updates]
         if grams:
             merged, result = self._regmean_merge(state_dicts, weights, grams, server_repair)
+        elif self.folding is not None:
+            merged, result = self._folded_merge(state_dicts, weights)
         else:
             merged, result = merge(state_dicts, align=self.align,
                                    average="mean" if self.average == "regmean" else self.average,
@@ -222,6 +284,29 @@ class MergingStrategy(FedAvg):
                 metrics["regmean_grams_bytes_per_client"] = int(max(g[1] for g in grams))
         metrics["aggregation_seconds"] = time.perf_counter() - start
         return arrays, metrics
+
+    def _folded_merge(self, state_dicts: list, weights: list):
+        """Fold the clients' BatchNorms, merge the folded models, unfold the merge (``fold_batchnorm``).
+
+        REPAIR on the server's inputs runs on the folded model, whose running statistics are then
+        re-estimated on the same inputs; without them the statistics are the clients' own, moved
+        by their maps and averaged (a data-free estimate; the eval-mode function is exact either way).
+        """
+        folding = self.folding
+        folded = [folding.fold(sd) for sd in state_dicts]
+        server_repair = {"repair": self.repair_inputs, "repair_options": self.repair_options} \
+            if self.repair == "server" else {}
+        merged, result = merge(folded, align=self.align, average=self.average, weights=weights, spec=folding.spec,
+                               model=folding.model, full_output=True, align_options=self.match_options,
+                               **server_repair)
+        start = time.perf_counter()
+        if self.repair == "server":
+            out = folding.unfold(merged, self.repair_inputs)
+        else:
+            transforms = result.transforms or None  # align=None: the clients' own space
+            out = folding.unfold(merged, statistics=folding.merged_statistics(state_dicts, transforms, weights))
+        result.stage_seconds = {**result.stage_seconds, "unfold": time.perf_counter() - start}
+        return out, result
 
     def _regmean_grams(self, server_round: int, updates: list, left_out: list) -> tuple[list, list | None]:
         """The updates whose Gram matrices are usable, and ``[(grams, bytes), ...]`` for them.

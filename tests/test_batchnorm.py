@@ -130,6 +130,71 @@ def test_merge_through_folding_with_repair_repairs_the_folded_model_and_re_estim
     assert torch.allclose(_out(model, merged, x, train=True), _out(model, merged, x), atol=1e-3)
 
 
+def test_data_free_statistics_of_a_merge_are_the_models_own_moved_by_their_maps():
+    """Without calibration inputs the merge is unfolded with the models' running statistics, mapped and
+    averaged: for permuted copies those are the original's exactly, so train mode computes what it computes."""
+    model = _bn_resnet()
+    spec = model.permutation_spec()
+    sd = model.state_dict()
+    hidden = [fedmerge.random_transform(spec, 20 + s) for s in range(2)]
+    copies = [sd] + [fedmerge.apply_transform(sd, spec, h) for h in hidden]
+    merged, result, folding = merge_folded(copies, model=model, align="orthogonal", relax=True, full_output=True)
+    x = torch.randn(16, 1, 12, 12, generator=_gen(7))
+    assert torch.allclose(_out(model, merged, x), _out(model, sd, x), atol=1e-5)
+    # (to ε: BatchNorm's ε acts on the folded units' scale; the identity statistics are off by O(1) here)
+    assert torch.allclose(_out(model, merged, x, train=True), _out(model, sd, x, train=True), atol=1e-2)
+    identity = folding.unfold(folding.fold(sd))
+    assert not torch.allclose(_out(model, identity, x, train=True), _out(model, sd, x, train=True), atol=0.1)
+    # what merged_statistics computes: each copy's statistics (s (μ - b), s² σ²) moved into the common space
+    own = folding.statistics(sd)
+    mean, var = own["conv1"]
+    s = sd["norm1.weight"].double() / (sd["norm1.running_var"].double() + 1e-5).sqrt()
+    assert torch.allclose(mean, s * sd["norm1.running_mean"].double()) and torch.allclose(
+        var, s * s * sd["norm1.running_var"].double())
+    mapped = folding.merged_statistics(copies, result.transforms)
+    for prod, (m, v) in own.items():
+        assert torch.allclose(mapped[prod][0], m, atol=1e-6) and torch.allclose(mapped[prod][1], v, atol=1e-6)
+    unmapped = folding.merged_statistics(copies)  # in the copies' own (permuted) bases: another average
+    assert not torch.allclose(unmapped["conv1"][1], own["conv1"][1], atol=1e-3)
+    # a rotation moves the means exactly and the variances as for uncorrelated units: (M ∘ M)ᵀ σ²
+    net = _bn_linear_net()
+    lin = fold_batchnorm(net)
+    q = fedmerge.random_transform(lin.spec, 8)
+    m = lin.spec.group("0").matrix(q["0"]).double()
+    (m0, v0), = [lin.statistics(net.state_dict())["0"]]
+    m1, v1 = lin.merged_statistics([net.state_dict()], [q])["0"]
+    assert torch.allclose(m1, m.T @ m0) and torch.allclose(v1, (m * m).T @ v0)
+
+
+def test_unfold_with_statistics_checks_them():
+    model = _bn_resnet()
+    folding = fold_batchnorm(model)
+    folded = folding.fold(model.state_dict())
+    stats = folding.statistics(model.state_dict())
+    x = torch.randn(4, 1, 12, 12, generator=_gen(8))
+    back = folding.unfold(folded, statistics=stats)  # the statistics it was folded with: the model back
+    for k, v in model.state_dict().items():
+        if k.endswith("running_var") or k.endswith("running_mean"):
+            assert not torch.allclose(back[k], v)  # expressed in the folded units, not the original ones
+    assert torch.allclose(_out(model, back, x), _out(model, model.state_dict(), x), atol=1e-5)
+    with pytest.raises(ValueError, match="not both"):
+        folding.unfold(folded, x, statistics=stats)
+    with pytest.raises(ValueError, match="'nope' is not a folded producer"):
+        folding.unfold(folded, statistics={"nope": stats["conv1"]})
+    with pytest.raises(ValueError, match="must be a pair"):
+        folding.unfold(folded, statistics={"conv1": stats["conv1"][0]})
+    with pytest.raises(ValueError, match=r"expected mean and var of shape \(8,\)"):
+        folding.unfold(folded, statistics={"conv1": (torch.zeros(3), torch.ones(3))})
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        folding.unfold(folded, statistics={"conv1": (torch.zeros(8), -torch.ones(8))})
+    with pytest.raises(TypeError, match="must be a mapping"):
+        folding.unfold(folded, statistics=[stats["conv1"]])
+    with pytest.raises(ValueError, match="2 transforms for 1 state_dicts"):
+        folding.merged_statistics([model.state_dict()], [{}, {}])
+    with pytest.raises(ValueError, match="statistics: the state_dict has no 'norm1.running_mean'"):
+        folding.merged_statistics([folded])
+
+
 def test_bad_input_raises_clear_errors():
     with pytest.raises(TypeError, match="must be an nn.Module"):
         fold_batchnorm({"weight": torch.zeros(1)})

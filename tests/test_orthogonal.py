@@ -219,6 +219,50 @@ def test_activation_based_alignment_of_permuted_relu_copies_with_relax():
     assert torch.allclose(_outputs(model, merged, x), _outputs(model, sd, x), atol=1e-5)
 
 
+def _correlation_sums(model, spec, sd_a, sd_b, x):
+    """Per group, the sum over units i of corr(unit i of a, unit i of b) of the producing layers' outputs."""
+    from fedmerge.matching.orthogonal import group_features
+    feats = next(iter(group_features(model, [sd_a, sd_b], spec, x, batch_size=len(x))))
+    out = {}
+    for g, f in feats.items():
+        a, b = f[0].double(), f[1].double()
+        a, b = (a - a.mean(0)) / a.std(0), (b - b.mean(0)) / b.std(0)
+        out[g] = a.T @ b / (len(x) - 1)  # (d, d) cross-correlations
+    return out
+
+
+def test_standardized_activation_matching_maximises_the_units_cross_correlation():
+    from scipy.optimize import linear_sum_assignment
+
+    model = MLP(input_shape=(10,), widths=(8, 6))
+    spec = model.permutation_spec()
+    sd_a = model.state_dict()
+    torch.manual_seed(7)
+    sd_b = MLP(input_shape=(10,), widths=(8, 6)).state_dict()
+    x = torch.randn(300, 10, generator=_gen(9))
+    result = fedmerge.match([sd_a, sd_b], spec, method="orthogonal", model=model, inputs=x, standardize=True)
+    aligned = fedmerge.apply_transform(sd_b, spec, result.pairwise(1, 0))
+    best = {g: c.numpy()[linear_sum_assignment(-c.numpy())].sum()
+            for g, c in _correlation_sums(model, spec, sd_a, sd_b, x).items()}
+    got = {g: float(c.diagonal().sum()) for g, c in _correlation_sums(model, spec, sd_a, aligned, x).items()}
+    for g in spec.sizes:
+        assert got[g] == pytest.approx(best[g], abs=1e-6), g  # float32 features
+    # a ReLU unit scaled by c > 0 (its consumers by 1 / c) computes the same function: correlations do not
+    # see the scale, so the maps stay, while the raw cross-products it scales may pick others
+    scaled = {k: v.clone() for k, v in sd_b.items()}
+    c = torch.logspace(-2, 2, 8)
+    scaled["layers.0.weight"] *= c[:, None]
+    scaled["layers.0.bias"] *= c
+    scaled["layers.1.weight"] /= c[None, :]
+    assert torch.allclose(_outputs(model, scaled, x), _outputs(model, sd_b, x), atol=1e-4)
+    again = fedmerge.match([sd_a, scaled], spec, method="orthogonal", model=model, inputs=x, standardize=True)
+    assert all(torch.equal(again.pairwise(1, 0)[g], result.pairwise(1, 0)[g]) for g in spec.sizes)
+    with pytest.raises(ValueError, match="standardize=True scores activations: it needs inputs="):
+        fedmerge.match([sd_a, sd_b], spec, method="orthogonal", standardize=True)
+    with pytest.raises(ValueError, match="standardize must be True or False"):
+        fedmerge.match([sd_a, sd_b], spec, method="orthogonal", model=model, inputs=x, standardize=1)
+
+
 def _proper(t):
     """The same rotations made proper (det +1), so that they lie on the identity's component."""
     out = {}

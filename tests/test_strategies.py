@@ -290,3 +290,146 @@ def test_fedma_network_permuted_copies_aggregate_back():
         torch.testing.assert_close(merged(x), model(x), atol=1e-5, rtol=0)
     _assert_hidden_permutations_recovered(strategy.last_result, hidden, spec)
     assert metrics["clients_merged"] == 4
+
+
+# --------------------------------------------------------------------------- BatchNorm folding in a round
+def _bn_resnet(seed=0):
+    """A small BatchNorm ResNet-20 with non-trivial running statistics and affine parameters."""
+    from torch import nn
+    from fedmerge.models import ResNet20
+
+    torch.manual_seed(seed)
+    model = ResNet20(input_shape=(1, 12, 12), num_classes=5, width=0.5, norm="batchnorm")
+    g = torch.Generator().manual_seed(100 + seed)
+    for mod in model.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.running_mean.normal_(0, 0.2, generator=g)
+            mod.running_var.uniform_(0.5, 1.5, generator=g)
+            mod.weight.data.uniform_(0.5, 1.5, generator=g)
+            mod.bias.data.normal_(0, 0.2, generator=g)
+    return model
+
+
+def _forward(model, state_dict, x, *, train=False):
+    model.train(train)
+    try:
+        with torch.no_grad():
+            return torch.func.functional_call(model, {k: v.clone() for k, v in state_dict.items()}, (x,))
+    finally:
+        model.eval()
+
+
+def test_relaxed_orthogonal_round_folds_batchnorm_and_permuted_copies_aggregate_back():
+    model = _bn_resnet()
+    spec = model.permutation_spec()
+    base = model.state_dict()
+    copies, hidden = _permuted_copies(base, spec, [10, 11, 12])
+    strategy = Orthogonal(model=model, relax=True, device="cpu")
+    assert strategy.folding is not None and len(strategy.folding.pairs) == 21  # every BatchNorm folded
+    arrays, metrics = strategy.aggregate_train(1, [_reply(n, sd, 10 * (n + 1)) for n, sd in enumerate(copies)])
+    merged = arrays.to_torch_state_dict()
+    assert set(merged) == set(base) and metrics["clients_merged"] == 4  # back in the BatchNorm architecture
+    x = torch.randn(16, 1, 12, 12, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(_forward(model, merged, x), _forward(model, base, x), atol=1e-5, rtol=0)
+    _assert_hidden_permutations_recovered(strategy.last_result, hidden, spec)
+    # the running statistics are the clients' own (moved and averaged), not the identity: train mode, in which
+    # the clients go on training, computes what the clients' models compute in train mode
+    assert float((merged["norm1.running_var"] - 1).abs().max()) > 0.05
+    torch.testing.assert_close(_forward(model, merged, x, train=True), _forward(model, base, x, train=True),
+                               atol=1e-3, rtol=0)
+    identity = strategy.folding.unfold(strategy.folding.fold(base))  # what unfolding without statistics gives
+    assert not torch.allclose(_forward(model, identity, x, train=True), _forward(model, base, x, train=True),
+                              atol=1e-2)
+
+
+def test_relaxed_orthogonal_round_on_independent_batchnorm_clients_is_the_folded_merge():
+    model = _bn_resnet()
+    sds = [_bn_resnet(seed).state_dict() for seed in range(3)]
+    counts = [30, 10, 20]
+    strategy = Orthogonal(model=model, relax=True, device="cpu")
+    arrays, metrics = strategy.aggregate_train(1, [_reply(n, sd, c) for n, (sd, c) in enumerate(zip(sds, counts))])
+    merged = arrays.to_torch_state_dict()
+    assert all(bool(torch.isfinite(v).all()) for v in merged.values())
+    assert all(float(v.min()) > 0 for k, v in merged.items() if k.endswith("running_var"))
+    x = torch.randn(8, 1, 12, 12, generator=torch.Generator().manual_seed(4))
+    assert bool(torch.isfinite(_forward(model, merged, x)).all())
+    assert all(torch.equal(t[g].sort().values, torch.arange(d)) for t in strategy.last_result.transforms
+               for g, d in model.permutation_spec().sizes.items())  # exact maps: permutations of the units
+    expected = fedmerge.batchnorm.merge(sds, model=model, align="orthogonal", weights=counts,
+                                        **strategy.match_options)
+    for key, value in expected.items():
+        torch.testing.assert_close(merged[key], value, atol=1e-5, rtol=1e-5)
+    # without folding the rotations are searched on the BatchNorm model's own weights: another merge
+    unfolded = Orthogonal(model=model, relax=True, device="cpu", fold_batchnorm=False)
+    assert unfolded.folding is None
+    other, _ = unfolded.aggregate_train(1, [_reply(n, sd, c) for n, (sd, c) in enumerate(zip(sds, counts))])
+    assert not torch.allclose(other.to_torch_state_dict()["conv1.weight"], merged["conv1.weight"], atol=1e-3)
+
+
+def test_folded_round_with_server_repair_repairs_the_folded_merge_and_re_estimates_statistics():
+    model = _bn_resnet()
+    sds = [_bn_resnet(seed).state_dict() for seed in range(2)]
+    x = torch.randn(32, 1, 12, 12, generator=torch.Generator().manual_seed(6))
+    strategy = Orthogonal(model=model, relax=True, device="cpu", repair="server", repair_inputs=x)
+    arrays, metrics = strategy.aggregate_train(1, [_reply(n, sd) for n, sd in enumerate(sds)])
+    merged = arrays.to_torch_state_dict()
+    assert metrics["repair_applied"] == 1 and strategy.folding is not None
+    expected = fedmerge.batchnorm.merge(sds, model=model, align="orthogonal", weights=[100, 100], repair=x,
+                                        **strategy.match_options)
+    for key, value in expected.items():
+        torch.testing.assert_close(merged[key], value, atol=1e-5, rtol=1e-5)
+    # the statistics are those of the merged model on the server's inputs: train mode there is eval mode
+    torch.testing.assert_close(_forward(model, merged, x, train=True), _forward(model, merged, x), atol=1e-3,
+                               rtol=0)
+
+
+def test_a_group_declared_orthogonal_through_batchnorm_is_rotated_after_folding():
+    """Linear -> BN -> Linear: the first group may rotate once BatchNorm is folded (a dense hidden rotation,
+    which no permutation undoes); without folding the aligner refuses to rotate BatchNorm channels."""
+    from torch import nn
+
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Linear(10, 8), nn.BatchNorm1d(8), nn.Linear(8, 6), nn.BatchNorm1d(6), nn.ReLU(),
+                        nn.Linear(6, 3))
+    net.input_shape = (10,)  # what the tracer needs to read BatchNorm1d's input as (batch, features)
+    g = torch.Generator().manual_seed(2)
+    for mod in (net[1], net[3]):
+        mod.running_mean.normal_(0, 0.3, generator=g)
+        mod.running_var.uniform_(0.5, 1.5, generator=g)
+        mod.weight.data.uniform_(0.5, 1.5, generator=g)
+    net.eval()
+    spec = fedmerge.relaxed_spec(fedmerge.spec_for(net), ["0"])
+    sd = net.state_dict()
+    folding = fedmerge.batchnorm.fold_batchnorm(net, spec)
+    hidden = fedmerge.random_transform(folding.spec, 4)  # a dense rotation of group "0", a permutation of "2"
+    rotated = folding.unfold(fedmerge.apply_transform(folding.fold(sd), folding.spec, hidden))
+    x = torch.randn(32, 10, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(_forward(net, rotated, x), _forward(net, sd, x), atol=1e-5, rtol=0)
+    assert float((rotated["0.weight"] - sd["0.weight"]).abs().max()) > 0.1
+    replies = [_reply(0, sd), _reply(1, rotated)]
+    strategy = Orthogonal(spec=spec, model=net, device="cpu")
+    assert strategy.rotated_groups() == ["0"] and strategy.folding is not None
+    arrays, _ = strategy.aggregate_train(1, replies)
+    torch.testing.assert_close(_forward(net, arrays.to_torch_state_dict(), x), _forward(net, sd, x),
+                               atol=1e-4, rtol=0)
+    q = strategy.last_result.transforms[1]["0"]
+    assert float((q.abs() - q.abs().round()).abs().max()) > 0.1  # the map found is a dense rotation
+    with pytest.raises(ValueError, match="carries BatchNorm statistics"):
+        Orthogonal(spec=spec, model=net, device="cpu", fold_batchnorm=False).aggregate_train(1, replies)
+
+
+def test_batchnorm_folding_options_and_errors(trained_mlp):
+    model = _bn_resnet()
+    assert Orthogonal(model=model, device="cpu").folding is None  # nothing rotated: permutations on BN units
+    assert C2M3(model=model, device="cpu").folding is None
+    assert C2M3(model=model, device="cpu", fold_batchnorm=True).folding is not None
+    with pytest.raises(ValueError, match="fold_batchnorm must be None"):
+        Orthogonal(model=model, fold_batchnorm="yes")
+    with pytest.raises(ValueError, match="fold_batchnorm=True needs model="):
+        Orthogonal(spec=model.permutation_spec(), fold_batchnorm=True)
+    with pytest.raises(ValueError, match="not supported"):
+        Orthogonal(model=model, relax=True, average="regmean")
+    with pytest.raises(ValueError, match="no BatchNorm layer directly after"):
+        Orthogonal(model=trained_mlp, fold_batchnorm=True)
+    with pytest.raises(ValueError, match="relax must be True or False"):
+        Orthogonal(model=model, relax="yes")

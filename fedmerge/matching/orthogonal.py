@@ -21,7 +21,10 @@ Two ways to score a group:
 * **activations** (``inputs=`` calibration data and ``model=``): per group, the outputs ``X`` of
   the layers that produce its units (forward hooks on ``torch.func.functional_call``), and
   ``Q = argmax <X_source Q, X_target>`` (``min ||X_source Q - X_target||_F``).  Groups do not
-  interact, so this is exact per group.
+  interact, so this is exact per group.  ``standardize=True`` centres every unit's outputs and
+  scales them to unit variance first, so the score is the units' cross-correlation (the
+  activation matching of Git Re-Basin and REPAIR) rather than their raw cross-products, which
+  units of large scale dominate.
 
 What is exact, and what is not
 ------------------------------
@@ -282,18 +285,35 @@ def group_features(model: nn.Module, state_dicts: Sequence[Mapping[str, torch.Te
 
 def _activation_alignment(state_dicts, spec: SymmetrySpec, search: SymmetrySpec, respond: _Responder, *,
                           model: nn.Module, inputs: Any, batch_size: int, max_iter: int, tol: float,
-                          rng: np.random.Generator, callback: Callback | None):
-    """Generalised Procrustes on activations: per group, ``C_ij = X_iᵀ X_j`` and sweeps over the models."""
+                          rng: np.random.Generator, callback: Callback | None, standardize: bool = False):
+    """Generalised Procrustes on activations: per group, ``C_ij = X_iᵀ X_j`` and sweeps over the models.
+
+    ``standardize``: ``C_ij`` of the centred, unit-variance outputs (the cross-correlations), from
+    the same pass (sums and sums of squares pooled over the batches).
+    """
     n = len(state_dicts)
     cross: dict[str, torch.Tensor] = {}
+    sums: dict[str, list] = {}
     for feats in group_features(model, state_dicts, spec, inputs, batch_size=batch_size):
         for g, x in feats.items():
-            c = torch.einsum("irk,jrl->ijkl", x.double(), x.double())
+            x = x.double()
+            c = torch.einsum("irk,jrl->ijkl", x, x)
             cross[g] = cross[g] + c if g in cross else c
+            if standardize:
+                acc = sums.setdefault(g, [0, 0.0])
+                acc[0] += x.shape[1]
+                acc[1] = acc[1] + x.sum(1)
     missing = [g for g in spec.sizes if g not in cross]
     if missing:
         raise ValueError(f"inputs=: no Linear/Conv module of the model produces groups {missing}; "
                          "activation-based alignment needs the layers that produce every group")
+    if standardize:
+        for g, (rows, total) in sums.items():
+            mean = total / rows  # (n, d)
+            cov = cross[g] / rows - torch.einsum("ik,jl->ijkl", mean, mean)
+            std = torch.stack([cov[i, i].diagonal() for i in range(n)]).clamp_min(0).sqrt()  # (n, d)
+            std = torch.where(std > 1e-12 * max(1.0, float(std.max())), std, torch.ones_like(std))  # dead units
+            cross[g] = cov / torch.einsum("ik,jl->ijkl", std, std)
     device = next(iter(state_dicts[0].values())).device
     transforms = [identity_transform(search, device) for _ in range(n)]
     mats = {g: [torch.eye(d, dtype=torch.float64, device=device) for _ in range(n)] for g, d in spec.sizes.items()}
@@ -332,7 +352,7 @@ def orthogonal_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec:
                         max_iter: int = 100,
                         inner_max_iter: int = 20, tol: float = 1e-6, seed: int | None = 0,
                         batch_size: int = 256, stiefel_options: Mapping[str, Any] | None = None,
-                        callback: Callback | None = None) -> dict:
+                        standardize: bool = False, callback: Callback | None = None) -> dict:
     """Align ``n >= 2`` models into a common space by generalised orthogonal Procrustes.
 
     Parameters
@@ -353,6 +373,10 @@ def orthogonal_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec:
         ``min_gradient_norm=1e-6`` on the score scaled to a largest entry of 1), warm-started from
         the current map.  Much slower than the SVD, and it stays on the connected component of its
         start (no reflections from the identity).
+    standardize:
+        With ``inputs``: score the units by the cross-correlation of their outputs (each unit
+        centred and scaled to unit variance; a unit constant on the inputs is only centred)
+        instead of the raw cross-products ``X_sourceᵀ X_target``.
     init:
         How the weight-based search starts, every model against model 0: ``"propagate"`` (default
         without ``relax``): Procrustes layer by layer in forward order, then coordinate ascent;
@@ -395,6 +419,10 @@ def orthogonal_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec:
         raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
     if stiefel_options is not None and solver != "stiefel":
         raise ValueError("stiefel_options= is only used with solver='stiefel'")
+    if not isinstance(standardize, bool):
+        raise ValueError(f"standardize must be True or False, got {standardize!r}")
+    if standardize and inputs is None:
+        raise ValueError("standardize=True scores activations: it needs inputs= (and model=)")
 
     if init is None:
         init = "permutation" if relax and inputs is None else "propagate"
@@ -421,7 +449,7 @@ def orthogonal_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec:
     if inputs is not None:
         transforms, nit, converged, message, history = _activation_alignment(
             state_dicts, spec, search, respond, model=model, inputs=inputs, batch_size=batch_size,
-            max_iter=max_iter, tol=tol, rng=rng, callback=callback)
+            max_iter=max_iter, tol=tol, rng=rng, callback=callback, standardize=standardize)
     else:
         originals = [float_entries(sd, spec) for sd in state_dicts]
         places = {g: [(k, a) for k, a in ps if k in originals[0]] for g, ps in spec.groups.items()}

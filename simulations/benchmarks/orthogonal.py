@@ -13,9 +13,14 @@ Three tables, each next to the figures of the paper it reproduces:
    3 epochs of Adam (lr 1e-3, batch 64) on the first 50 000 MNIST training images; the spherical
    (Karcher) barycenter unaligned (the whole model as one vector, as in the paper, with the log/exp
    iteration and with pymanopt's Riemannian trust regions; and per tensor), aligned (C²M³,
-   MergeMany, orthogonal with ``relax=True``) + spherical barycenter, and the order independence of
-   the barycenter (max difference between two merge orders).
-3. ``orthogonal-rebasin-resnet20-cifar10`` on MNIST (``--tables ...,resnet``): three BatchNorm ResNet-20s
+   MergeMany, orthogonal with ``relax=True``, activation matching on the units' cross-correlations)
+   + spherical barycenter, REPAIR after it (the hidden layers on the held-out calibration images;
+   every layer, logits included, on the training images), the C²M³ pipelines on a second set of
+   four models (seeds 4-7), and the order independence of the barycenter (max difference between
+   two merge orders).
+3. ``orthogonal-rebasin-resnet20-cifar10`` (``--tables ...,resnet``) on MNIST, or on CIFAR-10 with
+   ``--dataset cifar10 --data-dir DIR`` (the python batches, ``DIR/cifar-10-batches-py``; the
+   paper's figures are shown beside ours only there): three BatchNorm ResNet-20s
    (interpolation between models 0 and 1, the third for the cycle errors); naive
    LERP/SLERP, Git Re-Basin, orthogonal (activation Procrustes searched over rotations, projected
    to permutations because BatchNorm channels may not rotate), each with BatchNorm statistics as
@@ -31,6 +36,7 @@ Run from the repository root::
 
     python -m simulations.benchmarks.orthogonal --threads 1
     python -m simulations.benchmarks.orthogonal --threads 1 --tables mlp,spherical,resnet --out orthogonal.json
+    python -m simulations.benchmarks.orthogonal --threads 1 --tables resnet --dataset cifar10 --data-dir ~/data
 
 Models are trained once and cached (``--cache-dir``).
 """
@@ -56,7 +62,7 @@ from torch import nn
 
 import fedmerge
 from fedmerge import alignment_metrics as am
-from fedmerge.data import load_dataset
+from fedmerge.data import DATASETS, load_dataset
 from fedmerge.models import MLP, ResNet20
 from simulations.benchmarks.cli import (add_common_arguments, ensure_stdout_utf8, parse_choice_list, parse_int_list,
                                         positive_int)
@@ -96,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resnet-epochs", type=positive_int, default=2, help="ResNet-20 epochs (default: 2)")
     p.add_argument("--resnet-train-size", type=positive_int, default=20_000,
                    help="ResNet-20 training images (default: 20000)")
+    p.add_argument("--dataset", choices=sorted(DATASETS), default="mnist",
+                   help="dataset of the ResNet-20 table (default: mnist, the stand-in; cifar10 is the paper's, "
+                        "and only there are its figures shown); the MLP tables are MNIST's")
+    p.add_argument("--data-dir", default=None,
+                   help="directory holding the non-bundled datasets (CIFAR-10: DIR/cifar-10-batches-py)")
     add_common_arguments(p)
     p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     return p
@@ -251,6 +262,14 @@ def mlp_table(args, train, test, calib) -> tuple[str, list[dict]]:
 
 
 # --------------------------------------------------------------------------- table 2
+def _repair_rows(add, label, sds, spec, mlp, inputs) -> None:
+    """C²M³ + spherical barycenter + REPAIR of every layer (the logits too) on ``inputs``, both target rules."""
+    for target in ("std", "variance"):
+        sd = fedmerge.merge(sds, spec=spec, model=mlp, align="c2m3", average="spherical", repair="repair",
+                            repair_options={"inputs": inputs, "target": target, "modules": "all"})
+        add(f"{label} + REPAIR (target={target!r}, every layer, training images)", mlp, sd, "—")
+
+
 def spherical_table(args, train, test) -> tuple[str, list[dict]]:
     x, y = train.images[:args.train_size], train.labels[:args.train_size]
     data = (test.images, test.labels)
@@ -299,6 +318,30 @@ def spherical_table(args, train, test) -> tuple[str, list[dict]]:
                 sd = fedmerge.merge(mlps, spec=spec, model=mlp, align=align, average="spherical", repair="repair",
                                     repair_options={"inputs": train.images[-args.calibration:], "target": target})
                 add(f"MLP, c2m3 + spherical barycenter (tensor) + REPAIR (target={target!r})", mlp, sd, "—")
+            _repair_rows(add, "MLP, c2m3 + spherical barycenter (tensor)", mlps, spec, mlp, x)
+    # activation matching (permutations; align="orthogonal" with inputs) on the units' cross-correlations
+    start = time.perf_counter()
+    sd = fedmerge.merge(mlps, spec=spec, model=mlp, align="orthogonal", average="spherical",
+                        align_options={"inputs": train.images[-args.calibration:], "standardize": True})
+    add("MLP, activation correlation matching + spherical barycenter (tensor)", mlp, sd, "—",
+        time.perf_counter() - start)
+    sd = fedmerge.merge(mlps, spec=spec, model=mlp, align="orthogonal", average="spherical", repair="repair",
+                        align_options={"inputs": train.images[-args.calibration:], "standardize": True},
+                        repair_options={"inputs": x, "target": "variance", "modules": "all"})
+    add("MLP, activation correlation matching + spherical barycenter (tensor) + REPAIR (target='variance', "
+        "every layer, training images)", mlp, sd, "—")
+    # robustness: a second set of four models (seeds 4-7), the same recipe
+    second = [_adam(lambda: MLP(train.input_shape, train.num_classes, widths=(128, 64)), "mlp-784-128-64-10", s,
+                    x, y, epochs=args.epochs, cache_dir=args.cache_dir) for s in range(4, 8)]
+    accs2 = [am.evaluate(mlp, sd, data)["accuracy"] for sd in second]
+    rows.append({"label": "second set (seeds 4–7): 4 MLP endpoints (min–max)", "accuracy": None,
+                 "text": f"{_pct(min(accs2))}–{_pct(max(accs2))}", "paper": "—"})
+    add("second set: MLP, c2m3 + spherical barycenter (tensor)", mlp,
+        fedmerge.merge(second, spec=spec, align="c2m3", average="spherical"), "—")
+    sd = fedmerge.merge(second, spec=spec, model=mlp, align="c2m3", average="spherical", repair="repair",
+                        repair_options={"inputs": train.images[-args.calibration:], "target": "variance"})
+    add("second set: MLP, c2m3 + spherical barycenter (tensor) + REPAIR (target='variance')", mlp, sd, "—")
+    _repair_rows(add, "second set: MLP, c2m3 + spherical barycenter (tensor)", second, spec, mlp, x)
     accs = [am.evaluate(lr, sd, data)["accuracy"] for sd in lrs]
     rows.append({"label": "4 logistic regressions (min–max)", "accuracy": None,
                  "text": f"{_pct(min(accs))}–{_pct(max(accs))}", "paper": PAPER_SPHERICAL["logreg-endpoints"]})
@@ -325,7 +368,9 @@ def spherical_table(args, train, test) -> tuple[str, list[dict]]:
         [("label", "model / merge"), ("acc", "test accuracy"), ("loss", "test loss"), ("s", "merge s"),
          ("paper", "paper")])
     head = (f"4 MLPs 784-128-64-10 and 4 logistic regressions, {args.epochs} epochs Adam 1e-3 (batch 64) on the "
-            f"first {args.train_size} MNIST training images, evaluated on the 10 000 test images.")
+            f"first {args.train_size} MNIST training images, evaluated on the 10 000 test images. REPAIR: the "
+            f"hidden layers on the last {args.calibration} training images (held out), or every layer on the "
+            f"{args.train_size} training images.")
     return head + "\n\n" + table, rows
 
 
@@ -341,21 +386,23 @@ def _embedding(model, sd, inputs):
     return torch.cat(captured)
 
 
-def resnet_table(args, train, test, calib) -> tuple[str, list[dict]]:
+def resnet_table(args, train, test) -> tuple[str, list[dict]]:
+    """Table 3 on ``train``/``test`` (MNIST or ``--dataset``); calibration: the last training images."""
     width = args.resnet_width
+    paper_shown = args.dataset == "cifar10"
 
     def make():
         return ResNet20(train.input_shape, train.num_classes, width=width, norm="batchnorm")
 
     x, y = train.images[:args.resnet_train_size], train.labels[:args.resnet_train_size]
-    name = f"resnet20-bn-w{width:g}"
+    name = f"resnet20-bn-w{width:g}" + ("" if args.dataset == "mnist" else f"-{args.dataset}")
     sds = [_adam(make, name, s, x, y, epochs=args.resnet_epochs, cache_dir=args.cache_dir, lr=0.05,
                  batch_size=128, optimizer="sgd") for s in range(3)]
     model = make()
     spec = model.permutation_spec()
-    n_test = 200 if args.smoke else 2000
+    n_test = min(200 if args.smoke else 2000, len(test.images))
     data = (test.images[:n_test], test.labels[:n_test])
-    calib = calib[:2000]
+    calib = train.images[-args.calibration:][:2000]
     from fedmerge.repair import repair, reset_batchnorm as reset  # REPAIR; RESET of the BatchNorm statistics
     from fedmerge.batchnorm import fold_batchnorm
     feats_a = _embedding(model, sds[0], data[0])
@@ -446,19 +493,24 @@ def resnet_table(args, train, test, calib) -> tuple[str, list[dict]]:
         loops = [fedmerge.transforms.pairwise_map(fts, a, b) for a, b in ((0, 1), (1, 2), (2, 0))]
         add(key, label, fedmerge.apply_transform(fsds[1], fspec, fedmerge.transforms.pairwise_map(fts, 1, 0)),
             cycle=am.cycle_residual(fsds[0], fspec, loops), seconds=s, folded=folding)
+    if not paper_shown:  # the paper's figures are CIFAR-10's: beside ours only on CIFAR-10
+        for r in rows:
+            r["paper"] = None
+    columns = [("label", "method"), ("barrier", "max loss (barrier)"), ("acc", "midpoint acc"),
+               ("end", "acc α=1 (aligned model 1)"), ("cka", "CKA"),
+               ("cycle", "E_cycle 0→1→2→0"), ("pcycle", "E_cycle pairwise"), ("rme", "RME")]
+    if paper_shown:
+        columns.append(("paper", "paper: barrier / acc / CKA / cycle / RME"))
     table = markdown_table(
         [{"label": r["label"], "barrier": f"{r['barrier']:.3f}", "acc": _pct(r["acc"]), "end": _pct(r["end"]),
           "cka": f"{r['cka']:.3f}",
           "cycle": None if r["cycle"] is None else f"{r['cycle']:.2g}",
           "pcycle": None if r["pairwise_cycle"] is None else f"{r['pairwise_cycle']:.3g}",
           "rme": None if r["rme"] is None else f"{r['rme']:.3g}",
-          "paper": " / ".join(r["paper"])} for r in rows],
-        [("label", "method"), ("barrier", "max loss (barrier)"), ("acc", "midpoint acc"),
-         ("end", "acc α=1 (aligned model 1)"), ("cka", "CKA"),
-         ("cycle", "E_cycle 0→1→2→0"), ("pcycle", "E_cycle pairwise"), ("rme", "RME"),
-         ("paper", "paper: barrier / acc / CKA / cycle / RME (CIFAR-10)")])
-    head = (f"Three BatchNorm ResNet-20s (width {width:g}) on MNIST ({args.resnet_epochs} epochs SGD 0.05, momentum "
-            f"0.9, first {args.resnet_train_size} training images); endpoint accuracy "
+          "paper": None if r["paper"] is None else " / ".join(r["paper"])} for r in rows], columns)
+    dataset = {"mnist": "MNIST", "cifar10": "CIFAR-10"}.get(args.dataset, args.dataset)
+    head = (f"Three BatchNorm ResNet-20s (width {width:g}) on {dataset} ({args.resnet_epochs} epochs SGD 0.05, "
+            f"momentum 0.9, first {min(args.resnet_train_size, len(train.images))} training images); endpoint accuracy "
             f"{', '.join(_pct(a) for a in ends)} on the first {n_test} test images (all rows); interpolation "
             f"between models 0 and 1; calibration: {len(calib)} training images.")
     return head + "\n\n" + table, rows
@@ -466,23 +518,30 @@ def resnet_table(args, train, test, calib) -> tuple[str, list[dict]]:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.dataset != "mnist" and "resnet" not in args.tables:
+        parser.error(f"--dataset {args.dataset} is the ResNet-20 table's: add resnet to --tables")
     if args.smoke:
         args.train_size, args.epochs, args.calibration, args.resnet_train_size = 2000, 1, 500, 500
         args.resnet_epochs = 1
     ensure_stdout_utf8()
     set_threads(args.threads)
     env = environment(MODULE, argv)
-    train = load_dataset("mnist", train=True)
-    test = load_dataset("mnist", train=False)
-    calib = train.images[-args.calibration:]  # held out from the first train_size images where possible
     tables, results = {}, {}
+    if "mlp" in args.tables or "spherical" in args.tables or ("resnet" in args.tables and args.dataset == "mnist"):
+        train = load_dataset("mnist", train=True)
+        test = load_dataset("mnist", train=False)
+    calib = train.images[-args.calibration:] if "mlp" in args.tables else None  # held out from the first train_size
     if "mlp" in args.tables:
         tables["mlp"], results["mlp"] = mlp_table(args, train, test, calib)
     if "spherical" in args.tables:
         tables["spherical"], results["spherical"] = spherical_table(args, train, test)
     if "resnet" in args.tables:
-        tables["resnet"], results["resnet"] = resnet_table(args, train, test, calib)
+        if args.dataset != "mnist":
+            train = load_dataset(args.dataset, data_dir=args.data_dir, train=True)
+            test = load_dataset(args.dataset, data_dir=args.data_dir, train=False)
+        tables["resnet"], results["resnet"] = resnet_table(args, train, test)
     print()
     print(format_environment(env))
     for key, text in tables.items():
