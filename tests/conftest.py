@@ -88,3 +88,26 @@ def train_reply():
                             message_type="train")
         return Message(content, metadata=metadata)
     return reply
+
+
+@pytest.fixture
+def bn_resnet():
+    """Factory ``bn_resnet(seed=0)``: a small BatchNorm ResNet-20 (1×12×12 inputs, 5 classes) whose
+    running statistics and affine parameters are random, not BatchNorm's identity defaults."""
+    from torch import nn
+
+    from fedmerge.models import ResNet20
+
+    def build(seed: int = 0) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        model = ResNet20(input_shape=(1, 12, 12), num_classes=5, width=0.5, norm="batchnorm")
+        g = torch.Generator().manual_seed(100 + seed)
+        for mod in model.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.running_mean.normal_(0, 0.2, generator=g)
+                mod.running_var.uniform_(0.5, 1.5, generator=g)
+                mod.weight.data.uniform_(0.5, 1.5, generator=g)
+                mod.bias.data.normal_(0, 0.2, generator=g)
+        return model
+
+    return build

@@ -11,7 +11,7 @@ from torch import nn
 import fedmerge
 from fedmerge.alignment_metrics import cycle_residual
 from fedmerge.matching.orthogonal import orthogonal_matching, relaxed_spec
-from fedmerge.models import MLP, ResNet20
+from fedmerge.models import MLP
 
 torch.set_num_threads(1)
 
@@ -148,21 +148,8 @@ def test_exact_kinds_by_default_rotation_on_the_linear_group_permutation_on_the_
     assert _max_diff(fedmerge.apply_transform(moved, spec, result.pairwise(1, 0)), sd) < 1e-5
 
 
-def _bn_resnet():
-    torch.manual_seed(0)
-    model = ResNet20(input_shape=(1, 12, 12), num_classes=5, width=0.5, norm="batchnorm")
-    g = _gen(0)
-    for mod in model.modules():  # non-trivial BatchNorm statistics and affine parameters
-        if isinstance(mod, nn.BatchNorm2d):
-            mod.running_mean.normal_(0, 0.2, generator=g)
-            mod.running_var.uniform_(0.5, 1.5, generator=g)
-            mod.weight.data.uniform_(0.5, 1.5, generator=g)
-            mod.bias.data.normal_(0, 0.2, generator=g)
-    return model
-
-
-def test_batchnorm_resnet20_aligned_orthogonally_with_an_exact_map_computes_the_same_function():
-    model = _bn_resnet()
+def test_batchnorm_resnet20_aligned_orthogonally_with_an_exact_map_computes_the_same_function(bn_resnet):
+    model = bn_resnet()
     spec = model.permutation_spec()
     sd = model.state_dict()
     copies = [fedmerge.apply_transform(sd, spec, fedmerge.random_transform(spec, s)) for s in range(3)]
@@ -174,8 +161,8 @@ def test_batchnorm_resnet20_aligned_orthogonally_with_an_exact_map_computes_the_
         assert torch.allclose(_outputs(model, aligned, x), _outputs(model, sd, x), atol=1e-5)
 
 
-def test_rotating_batchnorm_channels_is_refused_and_would_indeed_break_the_network():
-    model = _bn_resnet()
+def test_rotating_batchnorm_channels_is_refused_and_would_indeed_break_the_network(bn_resnet):
+    model = bn_resnet()
     spec = relaxed_spec(model.permutation_spec())
     sd = model.state_dict()
     x = torch.randn(8, 1, 12, 12, generator=_gen(3))

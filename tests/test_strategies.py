@@ -293,23 +293,6 @@ def test_fedma_network_permuted_copies_aggregate_back():
 
 
 # --------------------------------------------------------------------------- BatchNorm folding in a round
-def _bn_resnet(seed=0):
-    """A small BatchNorm ResNet-20 with non-trivial running statistics and affine parameters."""
-    from torch import nn
-    from fedmerge.models import ResNet20
-
-    torch.manual_seed(seed)
-    model = ResNet20(input_shape=(1, 12, 12), num_classes=5, width=0.5, norm="batchnorm")
-    g = torch.Generator().manual_seed(100 + seed)
-    for mod in model.modules():
-        if isinstance(mod, nn.BatchNorm2d):
-            mod.running_mean.normal_(0, 0.2, generator=g)
-            mod.running_var.uniform_(0.5, 1.5, generator=g)
-            mod.weight.data.uniform_(0.5, 1.5, generator=g)
-            mod.bias.data.normal_(0, 0.2, generator=g)
-    return model
-
-
 def _forward(model, state_dict, x, *, train=False):
     model.train(train)
     try:
@@ -319,8 +302,8 @@ def _forward(model, state_dict, x, *, train=False):
         model.eval()
 
 
-def test_relaxed_orthogonal_round_folds_batchnorm_and_permuted_copies_aggregate_back():
-    model = _bn_resnet()
+def test_relaxed_orthogonal_round_folds_batchnorm_and_permuted_copies_aggregate_back(bn_resnet):
+    model = bn_resnet()
     spec = model.permutation_spec()
     base = model.state_dict()
     copies, hidden = _permuted_copies(base, spec, [10, 11, 12])
@@ -342,9 +325,9 @@ def test_relaxed_orthogonal_round_folds_batchnorm_and_permuted_copies_aggregate_
                               atol=1e-2)
 
 
-def test_relaxed_orthogonal_round_on_independent_batchnorm_clients_is_the_folded_merge():
-    model = _bn_resnet()
-    sds = [_bn_resnet(seed).state_dict() for seed in range(3)]
+def test_relaxed_orthogonal_round_on_independent_batchnorm_clients_is_the_folded_merge(bn_resnet):
+    model = bn_resnet()
+    sds = [bn_resnet(seed).state_dict() for seed in range(3)]
     counts = [30, 10, 20]
     strategy = Orthogonal(model=model, relax=True, device="cpu")
     arrays, metrics = strategy.aggregate_train(1, [_reply(n, sd, c) for n, (sd, c) in enumerate(zip(sds, counts))])
@@ -366,9 +349,9 @@ def test_relaxed_orthogonal_round_on_independent_batchnorm_clients_is_the_folded
     assert not torch.allclose(other.to_torch_state_dict()["conv1.weight"], merged["conv1.weight"], atol=1e-3)
 
 
-def test_folded_round_with_server_repair_repairs_the_folded_merge_and_re_estimates_statistics():
-    model = _bn_resnet()
-    sds = [_bn_resnet(seed).state_dict() for seed in range(2)]
+def test_folded_round_with_server_repair_repairs_the_folded_merge_and_re_estimates_statistics(bn_resnet):
+    model = bn_resnet()
+    sds = [bn_resnet(seed).state_dict() for seed in range(2)]
     x = torch.randn(32, 1, 12, 12, generator=torch.Generator().manual_seed(6))
     strategy = Orthogonal(model=model, relax=True, device="cpu", repair="server", repair_inputs=x)
     arrays, metrics = strategy.aggregate_train(1, [_reply(n, sd) for n, sd in enumerate(sds)])
@@ -418,8 +401,8 @@ def test_a_group_declared_orthogonal_through_batchnorm_is_rotated_after_folding(
         Orthogonal(spec=spec, model=net, device="cpu", fold_batchnorm=False).aggregate_train(1, replies)
 
 
-def test_batchnorm_folding_options_and_errors(trained_mlp):
-    model = _bn_resnet()
+def test_batchnorm_folding_options_and_errors(trained_mlp, bn_resnet):
+    model = bn_resnet()
     assert Orthogonal(model=model, device="cpu").folding is None  # nothing rotated: permutations on BN units
     assert C2M3(model=model, device="cpu").folding is None
     assert C2M3(model=model, device="cpu", fold_batchnorm=True).folding is not None
