@@ -240,6 +240,7 @@ class BlockAscent:
                 self.places[g].append((key, a))
         self.total32 = {k: t.float() for k, t in self.total.items()}  # what the cost-matrix products use
         self.laps = 0
+        self.gain = 0.0  # objective gained by the accepted steps (each read off its cost matrix, or exact)
         self._norms: dict[str, torch.Tensor] | None = None
         self.versions = {k: 0 for k in stack.weights}  # bumped whenever some model's U[key] changes
         self._clean: dict[tuple[int, str], tuple] = {}  # (model, group) -> versions when last solved unchanged
@@ -330,6 +331,8 @@ class BlockAscent:
                 gain += float((exact * xv[:, to]).sum() - (exact * xv[:, frm]).sum())
             if not gain > 1e-12 * max(scale, 1e-300):
                 return False
+            estimate = gain
+        self.gain += estimate
         self.perms[g][p] = new
         whole = 2 * units.numel() > d
         for key, a, x, target, s in parts:  # U_p, the float64 sum and its float32 copy, in place
@@ -367,6 +370,7 @@ class BlockAscent:
             moved[key] = u_new
         if not gain > 1e-12 * max(scale, 1e-300):
             return False
+        self.gain += gain
         self.perms[g][p] = new
         for key, u_new in moved.items():
             if self.active[p]:

@@ -28,7 +28,9 @@ identity and only the second model's are optimised, so the universe is the first
 Around Algorithm 1, not in the paper and on by default (``paper=True`` turns both off): a start
 that recognises permuted copies of one model and certifies them optimal (``init="auto"``), and
 block-coordinate refinement of the rounded permutations to a fixed point (``refine=True``);
-:func:`c2m3_matching` says why the paper's Frank-Wolfe alone stalls on permuted copies.
+:func:`c2m3_matching` says why the paper's Frank-Wolfe alone stalls on permuted copies.  Off by
+default: pairwise Frank-Wolfe steps (``frank_wolfe="pairwise"``) and a tolerance on the refinement's
+sweeps (``refine_tol``).
 """
 
 from __future__ import annotations
@@ -70,8 +72,8 @@ def _best_step(poly: np.ndarray) -> tuple[float, float]:
 def c2m3_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec: SymmetrySpec, *,
                   max_iter: int = 200, tol: float = 1e-6, patience: int = 5,
                   factorize: bool | None = None, init: str | None = None, refine: bool | int | None = None,
-                  paper: bool = False, confirm: bool = True, seed: int | None = 0,
-                  callback: Callback | None = None) -> dict:
+                  refine_tol: float = 0.0, paper: bool = False, confirm: bool = True,
+                  frank_wolfe: str | None = None, seed: int | None = 0, callback: Callback | None = None) -> dict:
     """Match ``n >= 2`` models into a common space by maximising C²M³'s objective (Eq. 4).
 
     By default: a sequential match that certifies permuted copies (see ``init``), otherwise C²M³'s
@@ -123,20 +125,34 @@ def c2m3_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec: Symme
         nothing — a fixed point: no single permutation can be improved (at most 1000 sweeps); an
         integer caps the sweeps, ``0``/``False`` turns it off.  Maps stay factorised, so cycle
         consistency is kept.  Not in the paper.
+    refine_tol:
+        Also stop the refinement after a sweep that raised the objective by no more than
+        ``refine_tol`` times its magnitude (default ``0``: only a sweep that changes nothing, or the
+        cap, stops it).  Late sweeps each move a few units for a small gain; a tolerance trades that
+        tail for time, and the result is then not a fixed point (``converged`` is False).
     confirm:
         After a certified start, run one Frank-Wolfe iteration (default ``True``), which finds step
         size 0: the certificate also bounds the relaxation (doubly-stochastic maps do not increase
         norms), so it cannot find ascent.  ``False`` returns the certified start with ``nit == 0``;
         the iteration costs one gradient, i.e. about one weight-matching sweep of every model
         (dominated by the largest layers, such as VGG's 25088×4096 classifier; BENCHMARKS.md (a)).
+    frank_wolfe:
+        ``"classic"`` (default): the paper's steps ``P <- P + t (Π - P)``.  ``"pairwise"``: pairwise
+        Frank-Wolfe (not in the paper): every (model, group) block keeps its matrix as a convex
+        combination of the vertices it has visited and moves mass from its *away* vertex (the active
+        one the gradient rates lowest) to the oracle's vertex, with the same exact line search; the
+        paper's steps shrink all vertices at once and zig-zag among the few a block alternates
+        between.  Same oracle calls per iteration, a few more gathers in the line search; the first
+        step is the paper's.  Experimental: BENCHMARKS.md (a) compares the two.
     paper:
-        ``True``: the paper's algorithm, i.e. ``init="identity", refine=0``; giving another
-        ``init`` or ``refine`` with it is an error.
+        ``True``: the paper's algorithm, i.e. ``init="identity", refine=0``, classic steps; giving
+        another ``init``, ``refine`` or ``frank_wolfe`` with it is an error.
     callback:
         Called after every model the start places (phase ``"start"``; only once it coincides with
         the placed ones for ``"auto"``), every Frank-Wolfe iteration (phase ``"frank-wolfe"``, with
         ``objective`` and ``step``) and every refinement sweep (phase ``"refinement"``, with
-        ``changed``); see :mod:`fedmerge.progress`.
+        ``changed`` and ``objective``, the gains of its accepted steps as read off their float32 cost
+        matrices added to the rounded objective); see :mod:`fedmerge.progress`.
 
     Frank-Wolfe runs over permutation matrices (the Birkhoff polytope), so groups of another
     kind (signed-permutation, orthogonal) are aligned by permutations only — a subgroup of every
@@ -157,8 +173,13 @@ def c2m3_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec: Symme
             raise ValueError("paper=True runs the paper's algorithm (init='identity', no refinement); "
                              f"do not combine it with init={init!r}, refine={refine!r}")
         init, refine = "identity", 0
+    if paper and frank_wolfe not in (None, "classic"):
+        raise ValueError(f"paper=True runs the paper's Frank-Wolfe; do not combine it with frank_wolfe={frank_wolfe!r}")
     init = "auto" if init is None else init
     refine = True if refine is None else refine
+    frank_wolfe = "classic" if frank_wolfe is None else frank_wolfe
+    if frank_wolfe not in ("classic", "pairwise"):
+        raise ValueError(f"frank_wolfe must be 'classic' or 'pairwise', got {frank_wolfe!r}")
     if init not in ("auto", "sequential", "identity"):
         raise ValueError(f"init must be 'auto', 'sequential' or 'identity', got {init!r}")
     if isinstance(refine, bool):
@@ -173,6 +194,8 @@ def c2m3_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec: Symme
         raise ValueError("max_iter=0 with init='identity' and no refinement does nothing; give max_iter >= 1")
     if not tol >= 0:
         raise ValueError(f"tol must be >= 0, got {tol}")
+    if not (isinstance(refine_tol, (int, float)) and refine_tol >= 0 and np.isfinite(refine_tol)):
+        raise ValueError(f"refine_tol must be a finite number >= 0, got {refine_tol!r}")
     if patience < 1:
         raise ValueError(f"patience must be >= 1, got {patience}")
     if factorize is None:
@@ -234,7 +257,8 @@ def c2m3_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec: Symme
         soft = {g: torch.zeros(n, sizes[g], sizes[g], device=dev).scatter_(1, start[g].unsqueeze(1), 1.0)
                 for g in groups}
         nit, fw_converged, fw_message, stopped, history = _frank_wolfe(
-            stack, soft, free, eye_idx, max_iter=max_iter, tol=tol, patience=patience, callback=callback)
+            stack, soft, free, eye_idx, max_iter=max_iter, tol=tol, patience=patience, callback=callback,
+            pairwise=frank_wolfe == "pairwise", start=start)
         laps += nit * len(free) * len(groups)
         # ---- project every doubly-stochastic matrix to the nearest permutation
         rounded = solve_lap_groups({g: soft[g][free] for g in groups})
@@ -254,23 +278,31 @@ def c2m3_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec: Symme
     sweeps = 0
     if sweeps_cap and not stopped:
         ascent = BlockAscent(stack, hard)
+        # the sweeps' objective (rounded objective + the accepted gains), where something reads it
+        base = pair_objective(stack, hard) if callback is not None or refine_tol > 0 else None
         converged = False
         order = free.cpu().numpy()
+        slow = False
         for sweeps in range(1, sweeps_cap + 1):
-            changed = 0
+            changed, before = 0, ascent.gain
             for p in rng.permutation(order):
                 changed += sum(ascent.step(int(p), groups[i]) for i in rng.permutation(len(groups)))
             stop = report(callback, method="c2m3", phase="refinement", nit=sweeps, max_iter=sweeps_cap,
-                          changed=changed)
+                          changed=changed, objective=None if base is None else base + ascent.gain)
             if changed == 0:
                 converged = True
                 break
             if stop:
                 stopped = True
                 break
+            if refine_tol > 0 and ascent.gain - before <= refine_tol * abs(base + ascent.gain):
+                slow = True
+                break
         laps += ascent.laps
         hard = ascent.perms
-        what = "a whole sweep changed nothing" if converged else (STOPPED if stopped else f"reached {sweeps_cap}")
+        what = ("a whole sweep changed nothing" if converged else STOPPED if stopped else
+                f"a sweep raised the objective by less than refine_tol={refine_tol:g}" if slow else
+                f"reached {sweeps_cap}")
         messages.append(f"{sweeps} refinement sweep{'' if sweeps == 1 else 's'}: {what}")
     message = STOPPED if stopped else "; ".join(messages)
     converged = converged and not stopped
@@ -292,8 +324,19 @@ def c2m3_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec: Symme
 
 
 def _frank_wolfe(stack: Stack, soft: dict[str, torch.Tensor], free: torch.Tensor, eye_idx: Mapping[str, torch.Tensor],
-                 *, max_iter: int, tol: float, patience: int, callback: Callback | None):
-    """Algorithm 1's iterations on ``soft`` (updated in place); ``(nit, converged, message, stopped, history)``."""
+                 *, max_iter: int, tol: float, patience: int, callback: Callback | None, pairwise: bool = False,
+                 start: Mapping[str, torch.Tensor] | None = None):
+    """Algorithm 1's iterations on ``soft`` (updated in place); ``(nit, converged, message, stopped, history)``.
+
+    ``pairwise``: pairwise Frank-Wolfe instead of the paper's steps.  Every block's (model, group)
+    soft matrix is kept as a convex combination of the vertices it has visited (``start``, the
+    vertex the iterates begin at, then the oracle's answers); the direction moves mass from the
+    block's *away* vertex (the active vertex worst for the gradient) to the oracle's vertex, scaled
+    by the away vertex's weight so that ``t = 1`` empties it, and one exact line search over ``t``
+    serves all blocks.  The paper's steps shrink every vertex's weight at once and zig-zag between
+    the few vertices a block alternates among; the pairwise steps drop a vertex once it stops
+    helping.
+    """
     n, dev, sizes = stack.n, stack.device, stack.spec.sizes
     groups = stack.groups()
     history: list[float] = []
@@ -304,6 +347,8 @@ def _frank_wolfe(stack: Stack, soft: dict[str, torch.Tensor], free: torch.Tensor
     nit = 0
     grads = {g: torch.empty(n, sizes[g], sizes[g], device=dev) for g in groups}  # reused: no new pages per iteration
     every = len(free) == n
+    if pairwise:
+        active = {g: _ActiveSet((eye_idx[g] if start is None else start[g]).clone()) for g in groups}
     for nit in range(1, max_iter + 1):
         # ---- gradient: per entry, the model mapped on all but one axis, against S - U_p
         for g in groups:
@@ -311,17 +356,8 @@ def _frank_wolfe(stack: Stack, soft: dict[str, torch.Tensor], free: torch.Tensor
         apply = {g: SoftPermutation(soft[g]).apply for g in groups}
         partial: dict[str, dict] = {}
         for key, axes in stack.axes.items():
-            w = stack.weights[key]
-            cache = {frozenset(): w}
-            for a, g in axes:  # partial maps: every permuted axis but one
-                x = w
-                for b, h in axes:
-                    if b != a:
-                        x = apply[h](x, b)
-                cache[frozenset(b for b, _ in axes if b != a)] = x
-            a0, g0 = axes[0]
-            u = apply[g0](cache[frozenset(b for b, _ in axes if b != a0)], a0)
-            cache[frozenset(b for b, _ in axes)] = u
+            cache = _partial_maps(stack, key, axes, apply)
+            u = cache[frozenset(b for b, _ in axes)]
             total = u.sum(0, keepdim=True)
             size = max(1, min(n, _CHUNK // max(u[0].numel(), 1)))
             for lo in range(0, n, size):  # the sum of the other models, a chunk of models at a time
@@ -344,10 +380,17 @@ def _frank_wolfe(stack: Stack, soft: dict[str, torch.Tensor], free: torch.Tensor
             idx[free] = solved[g]
             vertex[g] = idx
 
-        # ---- exact line search on the polynomial f(P + t (Π - P))
+        away = scale = None
+        if pairwise:  # D = scale * (Π - away vertex) per block; scale 0 where they coincide
+            fw_slot = {g: active[g].add(vertex[g]) for g in groups}
+            away, scale, aw_slot = {}, {}, {}
+            for g in groups:
+                aw_slot[g], away[g], scale[g] = active[g].away(grads[g], fw_slot[g])
+
+        # ---- exact line search on the polynomial f(P + t (Π - P)) (pairwise: f(P + t D))
         poly = np.zeros(1)
         for key, axes in stack.axes.items():
-            poly = _add(poly, _step_polynomial(stack, key, axes, partial[key], vertex, apply))
+            poly = _add(poly, _step_polynomial(stack, key, axes, partial[key], vertex, apply, away, scale))
         step, gain = _best_step(poly)
         del partial
         if step <= 0.0 or gain <= 0.0:
@@ -355,8 +398,12 @@ def _frank_wolfe(stack: Stack, soft: dict[str, torch.Tensor], free: torch.Tensor
             stopped = report(callback, method="c2m3", phase="frank-wolfe", nit=nit, max_iter=max_iter,
                              objective=obj, step=0.0)
             break
-        for g in groups:  # P <- (1 - t) P + t Π
+        for g in groups:  # P <- (1 - t) P + t Π, or P + t D from the blocks' active sets
             p = soft[g]
+            if pairwise:
+                active[g].move(fw_slot[g], aw_slot[g], scale[g], step)
+                active[g].matrix(out=p)
+                continue
             p.mul_(1.0 - step)
             p.scatter_add_(1, vertex[g].unsqueeze(1),
                            torch.full((n, 1, sizes[g]), step, device=dev, dtype=p.dtype))
@@ -379,6 +426,22 @@ def _frank_wolfe(stack: Stack, soft: dict[str, torch.Tensor], free: torch.Tensor
     return nit, converged, message, stopped, history
 
 
+def _partial_maps(stack: Stack, key: str, axes, apply: Mapping[str, Callable]) -> dict[frozenset, torch.Tensor]:
+    """Entry ``key`` of every model mapped by the soft matrices on every permuted axis but one, on none
+    (the weights) and on all (``U``), keyed by the set of mapped axes."""
+    w = stack.weights[key]
+    cache = {frozenset(): w}
+    for a, g in axes:  # partial maps: every permuted axis but one
+        x = w
+        for b, h in axes:
+            if b != a:
+                x = apply[h](x, b)
+        cache[frozenset(b for b, _ in axes if b != a)] = x
+    a0, g0 = axes[0]
+    cache[frozenset(b for b, _ in axes)] = apply[g0](cache[frozenset(b for b, _ in axes if b != a0)], a0)
+    return cache
+
+
 def _add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     out = np.zeros(max(len(a), len(b)))
     out[:len(a)] += a
@@ -391,7 +454,9 @@ def _relaxed_objective(stack: Stack, partial: Mapping[str, dict]) -> float:
 
 
 def _step_polynomial(stack: Stack, key: str, axes, cache: Mapping[frozenset, torch.Tensor],
-                     vertex: Mapping[str, torch.Tensor], apply: Mapping[str, Callable]) -> np.ndarray:
+                     vertex: Mapping[str, torch.Tensor], apply: Mapping[str, Callable],
+                     away: Mapping[str, torch.Tensor] | None = None,
+                     scale: Mapping[str, torch.Tensor] | None = None) -> np.ndarray:
     """Coefficients (in t) of this entry's share of f along ``P + t (Π - P)``.
 
     With ``D = Π - P`` on each permuted axis, ``U(t) = sum_{T ⊆ A} t^|T| U[D on T, P elsewhere]``,
@@ -411,7 +476,10 @@ def _step_polynomial(stack: Stack, key: str, axes, cache: Mapping[frozenset, tor
     summed = torch.zeros(k + 1, numel, device=stack.device)
     for lo in range(0, n, size):
         hi = min(n, lo + size)
-        c = _coefficients(stack, key, all_axes, group_of, cache, vertex, apply, lo, hi)
+        if away is None:
+            c = _coefficients(stack, key, all_axes, group_of, cache, vertex, apply, lo, hi)
+        else:
+            c = _pairwise_coefficients(stack, key, all_axes, group_of, cache, vertex, away, scale, apply, lo, hi)
         # Gram matrices with BLAS in float32: the cancellations (M_a - U, ...) happened element-wise
         per_model += torch.bmm(c, c.transpose(1, 2)).double().sum(0)
         summed += c.sum(0)
@@ -428,21 +496,25 @@ def _step_polynomial(stack: Stack, key: str, axes, cache: Mapping[frozenset, tor
 _CHUNK = 1 << 26
 
 
+def _partial_map(stack: Stack, key: str, all_axes, subset, group_of, cache, apply, lo: int, hi: int) -> torch.Tensor:
+    """Models ``lo..hi-1`` of ``key`` with the soft maps applied on every axis outside ``subset``
+    (the gradient's cached partial map; built here for more than two permuted axes)."""
+    rest = frozenset(a for a in all_axes if a not in subset)
+    x = cache.get(rest)
+    if x is None:  # more than two permuted axes: build the partial map directly (all models)
+        x = stack.weights[key]
+        for b in rest:
+            x = apply[group_of[b]](x, b)
+    return x if lo == 0 and hi == stack.n else x[lo:hi]
+
+
 def _coefficients(stack: Stack, key: str, all_axes, group_of, cache, vertex, apply, lo: int, hi: int) -> torch.Tensor:
     """``c[p, j]`` (models ``lo..hi-1``): the coefficient of ``t^j`` in ``U_p(t)``, flattened."""
     k = len(all_axes)
-    whole = lo == 0 and hi == stack.n
     m: dict[frozenset, torch.Tensor] = {}
     for r in range(k + 1):
         for subset in itertools.combinations(all_axes, r):
-            rest = frozenset(a for a in all_axes if a not in subset)
-            x = cache.get(rest)
-            if x is None:  # more than two permuted axes: build the partial map directly (all models)
-                x = stack.weights[key]
-                for b in rest:
-                    x = apply[group_of[b]](x, b)
-            if not whole:
-                x = x[lo:hi]
+            x = _partial_map(stack, key, all_axes, subset, group_of, cache, apply, lo, hi)
             for a in subset:
                 x = contract_hard(x, a, vertex[group_of[a]][lo:hi])
             m[frozenset(subset)] = x
@@ -468,3 +540,86 @@ def _coefficients(stack: Stack, key: str, all_axes, group_of, cache, vertex, app
                         acc.add_(m[frozenset(sub)].reshape(count, -1), alpha=(-1) ** (r - q))
             c[:, r] = acc
     return c
+
+
+def _pairwise_coefficients(stack: Stack, key: str, all_axes, group_of, cache, vertex, away, scale, apply,
+                           lo: int, hi: int) -> torch.Tensor:
+    """``c[p, j]``: the coefficient of ``t^j`` in ``U_p(t)`` along ``P + t D``, ``D = s (Π - A)`` per axis.
+
+    ``U(t) = sum_{T ⊆ axes} t^|T| prod_{a in T} s_a  M[Π - A on T, P elsewhere]``: the partial map
+    with ``P`` off ``T`` (computed by the gradient; the weights themselves for ``T`` = every axis),
+    then on each axis of ``T`` the difference of its gathers by ``Π`` and by the away vertex ``A``.
+    """
+    k = len(all_axes)
+    count = hi - lo
+    numel = stack.weights[key][0].numel()
+    c = torch.zeros(count, k + 1, numel, device=stack.device)
+    for r in range(k + 1):
+        for subset in itertools.combinations(all_axes, r):
+            base = _partial_map(stack, key, all_axes, subset, group_of, cache, apply, lo, hi)
+            if r == 0:
+                c[:, 0] = base.reshape(count, -1)
+                continue
+            factor = torch.ones(count, 1, device=stack.device)
+            for a in subset:
+                factor = factor * scale[group_of[a]][lo:hi].view(count, 1)
+            if not bool(factor.any()):
+                continue
+            x = base
+            for a in subset:  # the difference of the two gathers, one axis after the other
+                x = contract_hard(x, a, vertex[group_of[a]][lo:hi]).sub_(
+                    contract_hard(x, a, away[group_of[a]][lo:hi]))
+            c[:, r].addcmul_(x.reshape(count, -1), factor)
+    return c
+
+
+class _ActiveSet:
+    """One group's vertices (index permutations ``(n, d)``) and every model's weights on them."""
+
+    def __init__(self, start: torch.Tensor):
+        self.n, self.d = start.shape
+        self.vertices = start.unsqueeze(0).clone()  # (m, n, d)
+        self.weights = torch.ones(1, self.n, dtype=torch.float64, device=start.device)  # (m, n)
+
+    def add(self, vertex: torch.Tensor) -> torch.Tensor:
+        """Slot of ``vertex[p]`` among model ``p``'s vertices (a new slot, weight 0, where it is new)."""
+        same = (self.vertices == vertex.unsqueeze(0)).all(-1)  # (m, n)
+        found = same.any(0)
+        slot = same.to(torch.int8).argmax(0)
+        if not bool(found.all()):
+            self.vertices = torch.cat([self.vertices, vertex.unsqueeze(0)])
+            self.weights = torch.cat([self.weights, self.weights.new_zeros(1, self.n)])
+            slot = torch.where(found, slot, torch.full_like(slot, self.vertices.shape[0] - 1))
+        return slot
+
+    def away(self, grad: torch.Tensor, fw_slot: torch.Tensor):
+        """``(slot, vertex, scale)``: per model the active vertex with the lowest linear score, and its weight
+        (0 where it is the oracle's own vertex: no pairwise move there)."""
+        m = self.vertices.shape[0]
+        scores = torch.stack([grad.gather(1, self.vertices[k].unsqueeze(1)).sum((1, 2)) for k in range(m)]).double()
+        scores[self.weights <= 0] = float("inf")
+        slot = scores.argmin(0)
+        cols = torch.arange(self.n, device=slot.device)
+        weight = self.weights[slot, cols]
+        weight = torch.where(slot == fw_slot, torch.zeros_like(weight), weight)
+        return slot, self.vertices[slot, cols], weight.float()
+
+    def move(self, fw_slot: torch.Tensor, aw_slot: torch.Tensor, scale: torch.Tensor, step: float) -> None:
+        cols = torch.arange(self.n, device=fw_slot.device)
+        moved = step * scale.double()
+        if step >= 1.0:  # the away vertices empty exactly
+            moved = self.weights[aw_slot, cols] * (scale > 0)
+        self.weights[aw_slot, cols] -= moved
+        self.weights[fw_slot, cols] += moved
+        self.weights.clamp_(min=0.0)
+        keep = (self.weights > 0).any(1)
+        if not bool(keep.all()):  # no model uses these vertices any more
+            self.vertices, self.weights = self.vertices[keep], self.weights[keep]
+
+    def matrix(self, out: torch.Tensor) -> torch.Tensor:
+        """``out[p] = sum_k weights[k, p] Π_k^p`` as ``(n, d, d)`` doubly-stochastic matrices."""
+        out.zero_()
+        for k in range(self.vertices.shape[0]):
+            w = self.weights[k].to(out.dtype).view(self.n, 1, 1).expand(self.n, 1, self.d)
+            out.scatter_add_(1, self.vertices[k].unsqueeze(1), w)
+        return out
