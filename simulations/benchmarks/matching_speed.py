@@ -51,9 +51,6 @@ from simulations.benchmarks.models import PAPER_WIDTHS, method_call, mlp_name, r
 from simulations.benchmarks.output import finish, markdown_table
 
 MODULE = "simulations.benchmarks.matching_speed"
-METHODS = ("c2m3", "c2m3-paper", "c2m3-fw20", "c2m3-fw40", "c2m3-fw60", "c2m3-pfw20", "c2m3-pfw40", "c2m3-pfw60",
-           "c2m3-pfw-paper", "c2m3-pfw20-tol", "c2m3-pfw40-tol", "c2m3-sequential", "c2m3+refine",
-           "mergemany", "git-rebasin", "pairwise")
 METHOD_LABELS = {"c2m3": "C²M³ (default: auto start, Frank-Wolfe, refinement to a fixed point)",
                  "c2m3-paper": "C²M³, paper's Algorithm 1 (paper=True)",
                  "c2m3-fw20": "C²M³, 20 Frank-Wolfe iterations + refinement",
@@ -78,6 +75,7 @@ C2M3_VARIANTS = {"c2m3-paper": {"paper": True}, "c2m3-fw20": {"max_iter": 20}, "
                  **{f"c2m3-pfw{k}-tol": {"max_iter": k, "frank_wolfe": "pairwise", "refine_tol": 1e-5}
                     for k in (20, 40)},
                  "c2m3-sequential": {"init": "sequential"}}
+METHODS = ("c2m3", *C2M3_VARIANTS, "c2m3+refine", "mergemany", "git-rebasin", "pairwise")
 RESNET_NOTE = ("ResNet-20 models are random initialisations (CIFAR-10 is not available offline): their rows "
                "measure matching cost on real ResNet shapes, not the alignment of trained networks.")
 
