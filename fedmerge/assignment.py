@@ -1,7 +1,10 @@
-"""Linear assignment problems, solved with ``scipy.optimize.linear_sum_assignment``.
+"""Linear assignment problems, solved with ``scipy.optimize.linear_sum_assignment``, or warm-started.
 
 Frank-Wolfe solves one LAP per model and permutation group each iteration; they are independent,
-so they run on a small thread pool (scipy releases the GIL while solving).
+so they run on a small thread pool (scipy and the warm-started kernel release the GIL while
+solving).  A caller that solves the same block again and again passes that block's
+:class:`~fedmerge.warm_lap.WarmStart`: the solve then starts from the last potentials and
+assignment (:mod:`fedmerge.warm_lap`), with the same optimum; without Numba it is scipy's, cold.
 """
 
 from __future__ import annotations
@@ -9,11 +12,14 @@ from __future__ import annotations
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
+
+from . import warm_lap
+from .warm_lap import WarmStart
 
 _POOL: ThreadPoolExecutor | None = None
 
@@ -47,23 +53,32 @@ def _solve(score: np.ndarray) -> np.ndarray:
     return perm
 
 
-def solve_lap(score: torch.Tensor) -> torch.Tensor:
+def _solve_warm(score: np.ndarray, warm: WarmStart | None) -> np.ndarray:
+    if warm is None or not warm_lap.available():
+        return _solve(np.asarray(score, dtype=np.float64))
+    return warm_lap.solve(score, warm)
+
+
+def solve_lap(score: torch.Tensor, warm: WarmStart | None = None) -> torch.Tensor:
     """The permutation ``perm`` maximising ``sum_i score[perm[i], i]``.
 
     ``score[k, i]`` rates sending model unit ``k`` to common-space unit ``i``; the result uses
-    fedmerge's convention (``perm[i]`` = model unit that becomes unit ``i``).
+    fedmerge's convention (``perm[i]`` = model unit that becomes unit ``i``).  ``warm``: the
+    block's state from its last solve (updated in place), for a warm start.
     """
     start = time.perf_counter()
-    perm = torch.from_numpy(_solve(score.detach().double().cpu().numpy())).to(score.device)
+    perm = torch.from_numpy(_solve_warm(score.detach().cpu().numpy(), warm)).to(score.device)
     STATS["calls"] += 1
     STATS["seconds"] += time.perf_counter() - start
     return perm
 
 
-def solve_lap_groups(scores: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def solve_lap_groups(scores: Mapping[str, torch.Tensor],
+                     warm: Mapping[str, Sequence[WarmStart]] | None = None) -> dict[str, torch.Tensor]:
     """:func:`solve_lap` for every matrix of several batches ``{group: (m, d, d)}``, in parallel.
 
-    Returns ``{group: (m, d)}``.  All problems go to the pool together, largest first, so that
+    Returns ``{group: (m, d)}``.  ``warm[group][i]``: the state of matrix ``i``'s block, for warm
+    starts (updated in place).  All problems go to the pool together, largest first, so that
     the threads do not wait for one another at the end of each group (one Frank-Wolfe iteration
     solves one LAP per model and group, of as many sizes as there are groups).
     """
@@ -72,7 +87,8 @@ def solve_lap_groups(scores: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
     arrays = {g: s.detach().cpu().numpy() for g, s in scores.items()}
 
     def solve(job):
-        return _solve(np.asarray(arrays[job[0]][job[1]], dtype=np.float64))
+        g, i = job
+        return _solve_warm(arrays[g][i], None if warm is None else warm[g][i])
     jobs = sorted(((g, i) for g, a in arrays.items() for i in range(len(a))), key=lambda j: -arrays[j[0]].shape[1])
     if len(jobs) == 1:
         solved = [solve(jobs[0])]

@@ -10,6 +10,23 @@ from fedmerge.models import MLP
 from fedmerge.training import train
 
 
+def _random_models(make, count, seed=0):
+    """``count`` state dicts of ``make()``, the ``i``-th built after ``torch.manual_seed(seed + i)``:
+    independently initialised models."""
+    out = []
+    for i in range(count):
+        torch.manual_seed(seed + i)
+        out.append(make().state_dict())
+    return out
+
+
+@pytest.fixture(scope="session")
+def random_models():
+    """``random_models(make, count, seed=0)``: ``count`` independently initialised state dicts of
+    ``make()`` (the ``i``-th after ``torch.manual_seed(seed + i)``)."""
+    return _random_models
+
+
 @pytest.fixture(scope="session")
 def mnist_subset():
     ds = load_dataset("mnist")
@@ -51,13 +68,18 @@ def run_simulation_script(script: str, out):
     """Run ``script`` (Python source that calls ``run_simulation``) in a fresh interpreter, with the
     repository root and ``out`` as its ``sys.argv[1:]`` and telemetry off; fail the test with its
     stderr if it fails; returns the ``CompletedProcess``.  One process for several simulations: Python
-    and Flower are imported once."""
+    and Flower are imported once.
+
+    The driver (where the ServerApp matches, merges and evaluates) runs torch on one thread
+    (``OMP_NUM_THREADS=1``), as the client actors do (``threads`` 1): on a 2-core machine whose cores
+    the two client actors, or another job, already hold, torch's default of one thread per core makes
+    every parallel kernel wait for a descheduled thread (measured: C²M³ on four MLPs 8 times slower)."""
     import os
     import subprocess
     import sys
     from pathlib import Path
     root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="1")
+    env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="1", OMP_NUM_THREADS="1")
     env.pop("FEDMERGE_SIM_CONFIG", None)
     proc = subprocess.run([sys.executable, "-c", script, str(root), str(out)], cwd=root, env=env,
                           capture_output=True, text=True, timeout=600)

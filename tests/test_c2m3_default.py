@@ -209,7 +209,7 @@ def test_refinement_fixed_point_no_single_permutation_improves():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("count", [3, 5])
+@pytest.mark.parametrize("count", [3])  # other counts: the zoo test above (2 to 5 copies of every architecture)
 @pytest.mark.parametrize("name", ["resnet18"])  # vgg11_bn (a 25088x4096 classifier): minutes per copy, not here
 def test_default_recovers_permuted_copies_of_torchvision_models(name, count):
     torchvision = pytest.importorskip("torchvision")

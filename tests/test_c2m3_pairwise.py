@@ -21,14 +21,6 @@ from fedmerge.matching._stack import SoftPermutation, Stack
 from fedmerge.models import MLP, SmallCNN
 
 
-def _models(make, count, seed=0):
-    out = []
-    for i in range(count):
-        torch.manual_seed(seed + i)
-        out.append(make().state_dict())
-    return out
-
-
 def _relaxed(stack, soft):
     """Eq. 4's relaxation at dense soft matrices, straight from its definition (one pair at a time)."""
     total = 0.0
@@ -48,9 +40,9 @@ def _relaxed(stack, soft):
 @pytest.mark.parametrize("make", [lambda: MLP((16,), 5, widths=(7, 6)),
                                   lambda: SmallCNN((1, 8, 8), 5, channels=(3, 4), hidden=6)],
                          ids=["mlp", "cnn"])
-def test_pairwise_line_search_polynomial_is_the_relaxed_objective_along_the_direction(make):
+def test_pairwise_line_search_polynomial_is_the_relaxed_objective_along_the_direction(make, random_models):
     n = 4
-    models = _models(make, n)
+    models = random_models(make, n)
     spec = make().permutation_spec()
     stack = Stack.from_state_dicts(models, spec)
     gen = torch.Generator().manual_seed(0)
@@ -78,12 +70,13 @@ def test_pairwise_line_search_polynomial_is_the_relaxed_objective_along_the_dire
         assert (moved[next(iter(moved))] >= -1e-6).all()  # still doubly stochastic (scale = the away weight)
         expected = _relaxed(stack, moved)
         got = float(np.polynomial.polynomial.polyval(t, poly))
-        assert got == pytest.approx(expected, rel=1e-5, abs=1e-5 * abs(expected))
+        # float32 products whose pair terms cancel: the error scales with the terms, not with their sum
+        assert got == pytest.approx(expected, rel=1e-5, abs=1e-6 + 1e-5 * abs(expected))
 
 
-def test_pairwise_frank_wolfe_ascends_and_its_iterates_stay_doubly_stochastic(monkeypatch):
+def test_pairwise_frank_wolfe_ascends_and_its_iterates_stay_doubly_stochastic(monkeypatch, random_models):
     make = lambda: MLP((32,), 10, widths=(24, 16))  # noqa: E731
-    models = _models(make, 4)
+    models = random_models(make, 4)
     spec = make().permutation_spec()
     seen = []
     original = c2m3._ActiveSet.matrix
@@ -124,9 +117,9 @@ def test_pairwise_frank_wolfe_with_refinement_recovers_permuted_copies():
         assert result.cycle_error == 0.0 and result.converged
 
 
-def test_frank_wolfe_option_is_checked():
+def test_frank_wolfe_option_is_checked(random_models):
     make = lambda: MLP((16,), 5, widths=(7, 6))  # noqa: E731
-    models = _models(make, 3)
+    models = random_models(make, 3)
     spec = make().permutation_spec()
     with pytest.raises(ValueError, match="frank_wolfe"):
         fedmerge.match(models, spec, method="c2m3", frank_wolfe="away")
@@ -134,12 +127,12 @@ def test_frank_wolfe_option_is_checked():
         fedmerge.match(models, spec, method="c2m3", paper=True, frank_wolfe="pairwise")
 
 
-def test_refinement_reports_its_objective_and_refine_tol_stops_it_early():
+def test_refinement_reports_its_objective_and_refine_tol_stops_it_early(random_models):
     """The objective each refinement sweep reports (the rounded objective plus every accepted step's
     gain) is the objective of the permutations returned; a tolerance stops the sweeps before the
     fixed point, and that result is not called converged."""
     make = lambda: MLP((32,), 10, widths=(24, 16))  # noqa: E731
-    models = _models(make, 5)
+    models = random_models(make, 5)
     spec = make().permutation_spec()
     seen = []
     full = fedmerge.match(models, spec, method="c2m3", init="identity", max_iter=3,

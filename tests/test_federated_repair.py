@@ -119,6 +119,13 @@ def test_fedavg_with_repair_or_spherical_averaging_is_the_merging_strategy_witho
         C2M3(model=MLP(widths=(8,)), average="median")
 
 
+#: The clients' model: an MLP with four hidden layers like the paper's 256-512-512-256 (merging
+#: independently initialised models collapses the variance REPAIR restores, and RegMean's least squares
+#: beat the mean), at a quarter of its width, so that matching 4 independent models takes a fraction of
+#: the paper model's seconds.  Measured on it: test accuracy 0.11 for the plain merge, 0.34 with federated
+#: REPAIR, 0.38 with server REPAIR, 0.34 with RegMean.
+WIDTHS = (64, 128, 128, 64)
+
 _RUNS = """
 import json, os, sys
 root, out = sys.argv[1], sys.argv[2]
@@ -135,11 +142,12 @@ runs = [("none", client_app.app, {}), ("federated", client_app.app, {"repair": "
 for name, app, extra in runs:
     config = {"strategy": "c2m3", "num-clients": 4, "num-rounds": 1, "init": "independent",
               "max-train-samples": 4000, "max-test-samples": 1000, "local-epochs": 2, "seed": 3,
+              "model-kwargs": json.dumps({"widths": __WIDTHS__}),
               "out": os.path.join(out, name), "progress": False, "threads": 1, **extra}
     os.environ[sim_config.CONFIG_ENV] = json.dumps(config)
     run_simulation(server_app=server_app.app, client_app=app, num_supernodes=4,
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
-"""
+""".replace("__WIDTHS__", repr(list(WIDTHS)))
 
 
 @pytest.fixture(scope="module")
@@ -157,10 +165,10 @@ def test_federated_repair_through_the_ray_simulation(runs):
     assert federated["repair_applied"] == 1 and server["repair_applied"] == 1
     assert federated["repair_clients_targets"] == federated["repair_clients_merged"] == 4
     # every client sent the same two records: count, sum and sum of squares per unit of 4 hidden layers
-    widths = (256, 512, 512, 256)
+    assert runs["federated"]["config"]["model-kwargs"] == json.dumps({"widths": list(WIDTHS)})
     one = fr.record_bytes(fr.encode_statistics({
         f"layers.{i}": UnitStatistics(1.0, torch.zeros(w, dtype=torch.float64), torch.zeros(w, dtype=torch.float64))
-        for i, w in enumerate(widths)}))
+        for i, w in enumerate(WIDTHS)}))
     assert federated["repair_stats_bytes_per_client"] == 2 * one
     assert federated["repair_stats_bytes"] == 4 * 2 * one
     # the same alignment (same clients, same seed) before the repair
@@ -201,7 +209,7 @@ def test_federated_regmean_through_the_ray_simulation(runs):
     none, regmean = runs["none"]["rounds"][0], runs["regmean"]["rounds"][0]
     assert runs["regmean"]["failures"] == []
     assert regmean["regmean_applied"] == 1 and regmean["regmean_clients"] == regmean["clients_merged"] == 4
-    dims = (784, 256, 512, 512, 256)  # inputs of the paper's MLP's five layers
+    dims = (784, *WIDTHS)  # inputs of the MLP's five layers
     names = [f"layers.{i}" for i in range(4)] + ["head"]
     one = fr.record_bytes(frm.encode_grams({n: InputGram(1.0, torch.zeros(d, d, dtype=torch.float64),
                                                          torch.zeros(d, dtype=torch.float64))

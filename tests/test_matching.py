@@ -19,14 +19,6 @@ def _outputs(model: torch.nn.Module, state_dict, x):
         return model(x)
 
 
-def _random_models(make, count, seed=0):
-    out = []
-    for i in range(count):
-        torch.manual_seed(seed + i)
-        out.append(make().state_dict())
-    return out
-
-
 def _assert_non_trivial(perm, spec):
     """A hidden permutation that moves no unit would make any recovery test pass on the identity."""
     for g, d in spec.sizes.items():
@@ -91,14 +83,14 @@ def test_c2m3_recovers_permutations_of_conv_nets(make):
 
 
 @pytest.mark.parametrize("method", ["git-rebasin", "mergemany", "c2m3"])
-def test_documented_guarantee_maps_through_a_common_space_are_cycle_consistent(method):
+def test_documented_guarantee_maps_through_a_common_space_are_cycle_consistent(method, random_models):
     """A documented guarantee of the factorised form, not a finding: every result maps each model into
     one common space, ``pairwise(i, j) = P_i P_j^{-1}``, so ``cycle_error`` is 0 by construction
     (the one place the suite asserts it).  Checked on the tensors as well: a model sent around
     a -> b -> c -> a comes back unit for unit, which fails if ``pairwise`` or ``apply_permutation`` is
     wrong.  Where cycle consistency can fail, see the pairwise Git Re-Basin tests below."""
     make = lambda: MLP(widths=(16, 32))  # noqa: E731
-    models = _random_models(make, 4)
+    models = random_models(make, 4)
     spec = make().permutation_spec()
     result = fedmerge.match(models, spec, method=method)
     assert result.cycle_error == 0.0
@@ -121,11 +113,11 @@ def _pairwise_weight_matching(models, spec, seed=0):
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_independent_pairwise_git_rebasin_is_not_cycle_consistent(seed):
+def test_independent_pairwise_git_rebasin_is_not_cycle_consistent(seed, random_models):
     """The failure C²M³ removes: independently initialised models matched one pair at a time disagree
     around a 3-cycle (on these models, 0.9 to 0.98 of the units do not come back)."""
     make = lambda: MLP(widths=(16, 32))  # noqa: E731
-    models = _random_models(make, 3, seed=10 * seed)
+    models = random_models(make, 3, seed=10 * seed)
     spec = make().permutation_spec()
     maps = _pairwise_weight_matching(models, spec)
     error = fedmerge.cycle_error(maps, 3)
@@ -163,11 +155,11 @@ def test_merging_identical_models_returns_the_model():
             assert torch.equal(merged[k], sd[k]), (method, k)
 
 
-def test_weights_are_respected(trained_mlp, mnist_subset):
+def test_weights_are_respected(trained_mlp, mnist_subset, random_models):
     spec = trained_mlp.permutation_spec()
     a = trained_mlp.state_dict()
-    b = _random_models(lambda: MLP(widths=(64, 128, 64)), 1, seed=7)[0]
-    c = _random_models(lambda: MLP(widths=(64, 128, 64)), 1, seed=8)[0]
+    b = random_models(lambda: MLP(widths=(64, 128, 64)), 1, seed=7)[0]
+    c = random_models(lambda: MLP(widths=(64, 128, 64)), 1, seed=8)[0]
     plain = fedmerge.merge([a, b], align=None, weights=[30, 10])
     for k in a:
         torch.testing.assert_close(plain[k], 0.75 * a[k] + 0.25 * b[k])
@@ -178,9 +170,9 @@ def test_weights_are_respected(trained_mlp, mnist_subset):
         torch.testing.assert_close(_outputs(model, merged, x), _outputs(model, a, x), atol=1e-5, rtol=0)
 
 
-def test_frank_wolfe_objective_increases_and_beats_identity():
+def test_frank_wolfe_objective_increases_and_beats_identity(random_models):
     make = lambda: MLP(widths=(32, 64, 32))  # noqa: E731
-    models = _random_models(make, 4, seed=3)
+    models = random_models(make, 4, seed=3)
     spec = make().permutation_spec()
     result = fedmerge.match(models, spec, method="c2m3")
     history = result.history
@@ -193,18 +185,18 @@ def test_frank_wolfe_objective_increases_and_beats_identity():
         assert fedmerge.match(models, spec, method=method).objective > identity
 
 
-def test_two_models_use_the_pairwise_objective_with_the_first_model_fixed():
+def test_two_models_use_the_pairwise_objective_with_the_first_model_fixed(random_models):
     make = lambda: MLP(widths=(16, 32))  # noqa: E731
-    models = _random_models(make, 2, seed=11)
+    models = random_models(make, 2, seed=11)
     result = fedmerge.match(models, make().permutation_spec(), method="c2m3")
     assert fedmerge.permutation.is_identity(result.perms[0])
     assert not fedmerge.permutation.is_identity(result.perms[1])
 
 
-def test_iteration_cap_and_tolerance_are_honoured():
+def test_iteration_cap_and_tolerance_are_honoured(random_models):
     """Frank-Wolfe's own stopping rules, on the paper's algorithm (no refinement after it)."""
     make = lambda: MLP(widths=(32, 64, 32))  # noqa: E731
-    models = _random_models(make, 3, seed=5)
+    models = random_models(make, 3, seed=5)
     spec = make().permutation_spec()
     capped = fedmerge.match(models, spec, method="c2m3", max_iter=1, paper=True)
     assert capped.nit == 1 and not capped.converged and "max_iter" in capped.message
@@ -220,11 +212,11 @@ def test_iteration_cap_and_tolerance_are_honoured():
 
 
 @pytest.mark.parametrize("method", ["git-rebasin", "mergemany"])
-def test_sweep_cap_is_honoured_and_converged_means_a_sweep_changed_nothing(method):
+def test_sweep_cap_is_honoured_and_converged_means_a_sweep_changed_nothing(method, random_models):
     """One sweep from the identity on independent models changes permutations, so it cannot have
     converged; left alone, the sweeps stop on their own (a sweep changed nothing) well before the cap."""
     make = lambda: MLP(widths=(32, 64, 32))  # noqa: E731
-    models = _random_models(make, 3, seed=5)
+    models = random_models(make, 3, seed=5)
     spec = make().permutation_spec()
     capped = fedmerge.match(models, spec, method=method, max_iter=1)
     assert capped.nit == 1 and not capped.converged and not capped.success
@@ -233,9 +225,9 @@ def test_sweep_cap_is_honoured_and_converged_means_a_sweep_changed_nothing(metho
     assert free.objective > capped.objective  # the sweeps after the first improved the alignment
 
 
-def test_git_rebasin_depends_on_its_seed_only():
+def test_git_rebasin_depends_on_its_seed_only(random_models):
     make = lambda: MLP(widths=(32, 64, 32))  # noqa: E731
-    models = _random_models(make, 2, seed=21)
+    models = random_models(make, 2, seed=21)
     spec = make().permutation_spec()
     first = fedmerge.match(models, spec, method="git-rebasin", seed=1)
     again = fedmerge.match(models, spec, method="git-rebasin", seed=1)
@@ -246,18 +238,18 @@ def test_git_rebasin_depends_on_its_seed_only():
     assert any(not torch.equal(first.perms[1][g], o.perms[1][g]) for o in others for g in spec.sizes)
 
 
-def test_progress_bar_is_shown_when_asked(capsys):
+def test_progress_bar_is_shown_when_asked(capsys, random_models):
     make = lambda: MLP(widths=(8, 16))  # noqa: E731
-    models = _random_models(make, 3)
+    models = random_models(make, 3)
     fedmerge.match(models, make().permutation_spec(), method="c2m3", max_iter=3)
     assert "Frank-Wolfe" not in capsys.readouterr().err
     fedmerge.match(models, make().permutation_spec(), method="c2m3", progress=True, max_iter=3)
     assert "Frank-Wolfe" in capsys.readouterr().err
 
 
-def test_result_reports_diagnostics():
+def test_result_reports_diagnostics(random_models):
     make = lambda: MLP(widths=(8, 16))  # noqa: E731
-    models = _random_models(make, 3)
+    models = random_models(make, 3)
     spec = make().permutation_spec()
     result = fedmerge.match(models, model=make(), method="c2m3", max_iter=10)
     assert result.method == "c2m3" and result.n_models == 3 and len(result.perms) == 3
@@ -273,11 +265,11 @@ def test_result_reports_diagnostics():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("method", ["git-rebasin", "mergemany", "c2m3"])
-def test_matching_on_gpu_recovers_hidden_permutations_and_takes_mixed_devices(method):
+def test_matching_on_gpu_recovers_hidden_permutations_and_takes_mixed_devices(method, random_models):
     """On CUDA: exact recovery as on the CPU, results stay on the GPU, CPU/GPU inputs mix without a crash."""
     make = lambda: MLP(widths=(16, 32))  # noqa: E731
     spec = make().permutation_spec()
-    base = _random_models(make, 1, seed=7)[0]
+    base = random_models(make, 1, seed=7)[0]
     # 3 copies: C²M³ Frank-Wolfe recovers an odd number of copies without refinement
     copies = [base] + [apply_permutation(base, spec, random_permutation(spec, 20 + i)) for i in range(2)]
     on_gpu = [{k: v.cuda() for k, v in sd.items()} for sd in copies]
@@ -300,9 +292,9 @@ def test_matching_on_gpu_recovers_hidden_permutations_and_takes_mixed_devices(me
 
 
 @pytest.mark.parametrize("count", [2, 4])
-def test_refinement_never_lowers_the_objective(count):
+def test_refinement_never_lowers_the_objective(count, random_models):
     make = lambda: MLP(widths=(32, 64, 32))  # noqa: E731
-    models = _random_models(make, count, seed=40)
+    models = random_models(make, count, seed=40)
     spec = make().permutation_spec()
     plain = fedmerge.match(models, spec, method="c2m3", max_iter=5, refine=0)
     refined = fedmerge.match(models, spec, method="c2m3", max_iter=5, refine=True)

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from ..assignment import solve_lap_groups
+from ..warm_lap import WarmStart
 from ..progress import STOPPED, Callback, report
 from ..spec import SymmetrySpec
 from ._stack import (BlockAscent, SoftPermutation, Stack, contract_hard, linear_term, pair_objective,
@@ -347,6 +348,8 @@ def _frank_wolfe(stack: Stack, soft: dict[str, torch.Tensor], free: torch.Tensor
     nit = 0
     grads = {g: torch.empty(n, sizes[g], sizes[g], device=dev) for g in groups}  # reused: no new pages per iteration
     every = len(free) == n
+    # one warm-started LAP state per (group, free model): the oracle's matrices change little between iterations
+    warm = {g: [WarmStart(sizes[g]) for _ in range(len(free))] for g in groups}
     if pairwise:
         active = {g: _ActiveSet((eye_idx[g] if start is None else start[g]).clone()) for g in groups}
     for nit in range(1, max_iter + 1):
@@ -373,7 +376,7 @@ def _frank_wolfe(stack: Stack, soft: dict[str, torch.Tensor], free: torch.Tensor
             history.append(obj)
 
         # ---- linear maximisation oracle: one LAP per free model and group
-        solved = solve_lap_groups({g: grads[g] if every else grads[g][free] for g in groups})
+        solved = solve_lap_groups({g: grads[g] if every else grads[g][free] for g in groups}, warm)
         vertex = {}
         for g in groups:
             idx = eye_idx[g].clone()

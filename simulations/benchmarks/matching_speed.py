@@ -23,7 +23,7 @@ MLP.  ``c2m3-paper``, ``c2m3-fwK`` (K = 20, 40, 60) and ``c2m3-sequential`` are 
 ``paper=True``, ``max_iter=K`` and ``init="sequential"``; ``c2m3-pfwK`` the same with
 ``frank_wolfe="pairwise"``, and ``c2m3-pfw-paper`` pairwise Frank-Wolfe to the paper's stopping rule
 from identity matrices, rounded, without refinement; ``c2m3-pfwK-tol`` (K = 20, 40) K pairwise
-iterations and refinement stopped by ``refine_tol=1e-5``; ``--first-seed 20`` takes the trained MLPs of
+iterations and refinement stopped by ``refine_tol=1e-5``, ``c2m3-fw20-tol`` the same with the paper's steps; ``--first-seed 20`` takes the trained MLPs of
 seeds 20, 21, ... (a second set of models).
 """
 
@@ -60,6 +60,7 @@ METHOD_LABELS = {"c2m3": "C²M³ (default: auto start, Frank-Wolfe, refinement t
                  "c2m3-pfw40": "C²M³, 40 pairwise Frank-Wolfe iterations + refinement",
                  "c2m3-pfw60": "C²M³, 60 pairwise Frank-Wolfe iterations + refinement",
                  "c2m3-pfw-paper": "C²M³, pairwise Frank-Wolfe from identity matrices, rounding (no refinement)",
+                 "c2m3-fw20-tol": "C²M³, 20 Frank-Wolfe iterations + refinement to refine_tol=1e-5",
                  "c2m3-pfw20-tol": "C²M³, 20 pairwise Frank-Wolfe iterations + refinement to refine_tol=1e-5",
                  "c2m3-pfw40-tol": "C²M³, 40 pairwise Frank-Wolfe iterations + refinement to refine_tol=1e-5",
                  "c2m3-sequential": "C²M³, full sequential start + Frank-Wolfe + refinement",
@@ -72,6 +73,7 @@ C2M3_VARIANTS = {"c2m3-paper": {"paper": True}, "c2m3-fw20": {"max_iter": 20}, "
                  "c2m3-pfw40": {"max_iter": 40, "frank_wolfe": "pairwise"},
                  "c2m3-pfw60": {"max_iter": 60, "frank_wolfe": "pairwise"},
                  "c2m3-pfw-paper": {"init": "identity", "refine": 0, "frank_wolfe": "pairwise"},
+                 "c2m3-fw20-tol": {"max_iter": 20, "refine_tol": 1e-5},
                  **{f"c2m3-pfw{k}-tol": {"max_iter": k, "frank_wolfe": "pairwise", "refine_tol": 1e-5}
                     for k in (20, 40)},
                  "c2m3-sequential": {"init": "sequential"}}
