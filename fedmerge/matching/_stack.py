@@ -314,11 +314,6 @@ def _select_units(t: torch.Tensor, axis: int, d: int, index: torch.Tensor) -> to
     return sub.reshape(shape)
 
 
-def _select_slots(t: torch.Tensor, axis: int, d: int, units: torch.Tensor) -> torch.Tensor:
-    """``t`` restricted along ``axis`` to the same slots ``units`` (``(k,)``) for every model."""
-    return _select_units(t, axis, d, units.unsqueeze(0).expand(t.shape[0], -1))
-
-
 class BlockAscent:
     """Hard permutations of ``n`` stacked models, improved one (model, group) block at a time.
 
@@ -498,7 +493,10 @@ class BlockAscent:
                 if mine.numel():
                     # q's weights mapped on b changed by diff; back to q's raw units along a
                     change = contract_hard(diff, a, _inverse(self.perms[g][q:q + 1]))
-                    target = _select_slots(self._target32(key, q).unsqueeze(0), b, dh, units)
+                    slots = units.unsqueeze(0)  # T_q on these slots only: no full-size target tensor
+                    target = _select_units(self.total32[key].unsqueeze(0), b, dh, slots)
+                    if self.active[q]:
+                        target = target - _select_units(self.u[key][q:q + 1], b, dh, slots)
                     cache.pending[q].append(("rank", _units_first(change, a, d)[0], _units_first(target, a, d)[0]))
 
     @staticmethod
@@ -562,7 +560,7 @@ class BlockAscent:
         exact = fresh.double().sub_(stale)
         t = None
         if target:
-            t = _select_slots(self.total[key].unsqueeze(0), a, d, slots)
+            t = _select_units(self.total[key].unsqueeze(0), a, d, slots.unsqueeze(0))
             if self.active[p]:
                 t.sub_(stale)  # U_p on these slots is what ``old`` maps there
         return fresh, exact, t
