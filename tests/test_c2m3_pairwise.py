@@ -145,3 +145,47 @@ def test_refinement_reports_its_objective_and_refine_tol_stops_it_early(random_m
     assert early.objective == pytest.approx(seen[0], rel=1e-6)
     with pytest.raises(ValueError, match="refine_tol"):
         fedmerge.match(models, spec, method="c2m3", refine_tol=-1e-3)
+
+
+@pytest.mark.parametrize("pairwise", [False, True], ids=["classic", "pairwise"])
+@pytest.mark.parametrize("make", [lambda: MLP((16,), 5, widths=(7, 6)),
+                                  lambda: SmallCNN((1, 8, 8), 5, channels=(3, 4), hidden=6)],
+                         ids=["mlp", "cnn"])
+def test_partial_maps_moved_by_gathers_equal_fresh_products(make, pairwise, random_models):
+    """Frank-Wolfe keeps each entry's partial maps between iterations and moves them with the step by
+    gathers (``_advance``); after several steps they must equal the maps built afresh, by dense
+    products, from the moved soft matrices."""
+    n = 4
+    models = random_models(make, n)
+    spec = make().permutation_spec()
+    stack = Stack.from_state_dicts(models, spec)
+    gen = torch.Generator().manual_seed(1)
+
+    def perms(d):
+        return torch.stack([torch.randperm(d, generator=gen) for _ in range(n)])
+
+    def dense(idx, d):
+        return torch.zeros(n, d, d).scatter_(1, idx.unsqueeze(1), 1.0)
+
+    soft = {g: dense(perms(d), d) for g, d in spec.sizes.items()}
+    apply = {g: SoftPermutation(soft[g]).apply for g in spec.sizes}
+    caches = {key: c2m3._partial_maps(stack, key, axes, apply) for key, axes in stack.axes.items()}
+    for step in (0.5, 0.3, 0.7, 0.25):
+        vertex = {g: perms(d) for g, d in spec.sizes.items()}
+        away = scale = None
+        if pairwise:  # the away vertex: the block's own vertex where it is one, else a fresh one
+            away = {g: perms(d) for g, d in spec.sizes.items()}
+            scale = {g: torch.rand(n, generator=gen) * 0.5 for g in spec.sizes}
+        for key, axes in stack.axes.items():
+            assert c2m3._advance(stack, key, axes, caches[key], vertex, step, away, scale)
+        for g, d in spec.sizes.items():
+            if pairwise:
+                soft[g] = soft[g] + step * scale[g].view(n, 1, 1) * (dense(vertex[g], d) - dense(away[g], d))
+            else:
+                soft[g] = (1 - step) * soft[g] + step * dense(vertex[g], d)
+    dense_apply = {g: SoftPermutation(soft[g].clone()).apply for g in spec.sizes}
+    for key, axes in stack.axes.items():
+        fresh = c2m3._partial_maps(stack, key, axes, dense_apply)
+        assert set(fresh) == set(caches[key])
+        for subset, value in fresh.items():
+            torch.testing.assert_close(caches[key][subset], value, rtol=1e-5, atol=1e-5)

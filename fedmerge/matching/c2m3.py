@@ -352,14 +352,20 @@ def _frank_wolfe(stack: Stack, soft: dict[str, torch.Tensor], free: torch.Tensor
     warm = {g: [WarmStart(sizes[g]) for _ in range(len(free))] for g in groups}
     if pairwise:
         active = {g: _ActiveSet((eye_idx[g] if start is None else start[g]).clone()) for g in groups}
+    # per entry, the weights mapped by the soft matrices on every permuted axis but one, and on all (U);
+    # built by products once, then moved with each step by gathers (_advance)
+    partial: dict[str, dict] = {}
+    apply = None
     for nit in range(1, max_iter + 1):
         # ---- gradient: per entry, the model mapped on all but one axis, against S - U_p
         for g in groups:
             grads[g].zero_()
-        apply = {g: SoftPermutation(soft[g]).apply for g in groups}
-        partial: dict[str, dict] = {}
+        if len(partial) < len(stack.axes) or any(len(axes) > 2 for axes in stack.axes.values()):
+            apply = {g: SoftPermutation(soft[g]).apply for g in groups}
         for key, axes in stack.axes.items():
-            cache = _partial_maps(stack, key, axes, apply)
+            cache = partial.get(key)
+            if cache is None:
+                cache = _partial_maps(stack, key, axes, apply)
             u = cache[frozenset(b for b, _ in axes)]
             total = u.sum(0, keepdim=True)
             size = max(1, min(n, _CHUNK // max(u[0].numel(), 1)))
@@ -395,12 +401,14 @@ def _frank_wolfe(stack: Stack, soft: dict[str, torch.Tensor], free: torch.Tensor
         for key, axes in stack.axes.items():
             poly = _add(poly, _step_polynomial(stack, key, axes, partial[key], vertex, apply, away, scale))
         step, gain = _best_step(poly)
-        del partial
         if step <= 0.0 or gain <= 0.0:
             converged, message = True, "no ascent direction left (step size 0)"
             stopped = report(callback, method="c2m3", phase="frank-wolfe", nit=nit, max_iter=max_iter,
                              objective=obj, step=0.0)
             break
+        for key, axes in stack.axes.items():  # the partial maps at the new P, by gathers
+            if not _advance(stack, key, axes, partial[key], vertex, step, away, scale):
+                del partial[key]  # more than two permuted axes: rebuilt from the soft matrices
         for g in groups:  # P <- (1 - t) P + t Π, or P + t D from the blocks' active sets
             p = soft[g]
             if pairwise:
@@ -443,6 +451,62 @@ def _partial_maps(stack: Stack, key: str, axes, apply: Mapping[str, Callable]) -
     a0, g0 = axes[0]
     cache[frozenset(b for b, _ in axes)] = apply[g0](cache[frozenset(b for b, _ in axes if b != a0)], a0)
     return cache
+
+
+def _advance(stack: Stack, key: str, axes, cache: dict, vertex: Mapping[str, torch.Tensor], step: float,
+             away: Mapping[str, torch.Tensor] | None = None, scale: Mapping[str, torch.Tensor] | None = None,
+             models: tuple[int, int] | None = None) -> bool:
+    """Move entry ``key``'s partial maps (``cache``, from :func:`_partial_maps`) to the soft matrices
+    after the step, in place: ``P <- (1 - t) P + t Π`` (or ``P + t s (Π - A)`` with ``away``).
+
+    The maps are bilinear in the matrices of their axes, and every new term has a vertex ``Π`` or
+    ``A`` on the moved axis: a gather of a map already held, so no matrix product is needed.  The
+    paper's step is applied as a convex combination of the old maps and the gathers (its rounding
+    errors do not grow over iterations).  ``models``: ``(lo, hi)``, move models ``lo..hi-1`` only
+    (block steps).  Returns False, leaving ``cache`` alone, for an entry with more than two
+    permuted axes.
+    """
+    k = len(axes)
+    if k > 2:
+        return False
+    w = stack.weights[key]
+    first, last = (0, stack.n) if models is None else models
+    numel = w[0].numel()
+    t = float(step)
+    size = max(1, min(last - first, _CHUNK // max(numel * 2, 1)))
+    for lo in range(first, last, size):
+        sl = slice(lo, min(last, lo + size))
+        wc = w[sl]
+        pi = {g: vertex[g][sl] for _, g in axes}
+
+        def moved(x, a, g):  # D x along axis a, the step's direction on that axis (times s for pairwise)
+            y = contract_hard(x, a, pi[g])
+            if away is not None:
+                y.sub_(contract_hard(x, a, away[g][sl])).mul_(scale[g][sl].view(-1, *[1] * (y.dim() - 1)))
+            return y
+
+        if k == 1:
+            (a, g), = axes
+            u = cache[frozenset([a])][sl]
+            if away is None:
+                u.mul_(1.0 - t).add_(contract_hard(wc, a, pi[g]), alpha=t)
+            else:
+                u.add_(moved(wc, a, g), alpha=t)
+            continue
+        (a, g), (b, h) = axes
+        xa, xb, u = cache[frozenset([a])][sl], cache[frozenset([b])][sl], cache[frozenset([a, b])][sl]
+        if away is None:  # U' = (1-t)^2 U + t(1-t) (Π_a X_b + Π_b X_a) + t^2 Π_a Π_b W
+            wa, wb = contract_hard(wc, a, pi[g]), contract_hard(wc, b, pi[h])
+            mixed = contract_hard(xb, a, pi[g]).add_(contract_hard(xa, b, pi[h])).mul_(t * (1.0 - t))
+            u.mul_((1.0 - t) ** 2).add_(mixed).add_(contract_hard(wa, b, pi[h]), alpha=t * t)
+            xa.mul_(1.0 - t).add_(wa, alpha=t)
+            xb.mul_(1.0 - t).add_(wb, alpha=t)
+        else:  # U' = U + t (D_a X_b + D_b X_a) + t^2 D_a D_b W
+            wa, wb = moved(wc, a, g), moved(wc, b, h)
+            u.add_(moved(xb, a, g).add_(moved(xa, b, h)), alpha=t).add_(moved(wa, b, h), alpha=t * t)
+            xa.add_(wa, alpha=t)
+            xb.add_(wb, alpha=t)
+    return True
 
 
 def _add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
