@@ -37,21 +37,28 @@ def _relaxed(stack, soft):
     return total
 
 
-@pytest.mark.parametrize("make", [lambda: MLP((16,), 5, widths=(7, 6)),
-                                  lambda: SmallCNN((1, 8, 8), 5, channels=(3, 4), hidden=6)],
-                         ids=["mlp", "cnn"])
-def test_pairwise_line_search_polynomial_is_the_relaxed_objective_along_the_direction(make, random_models):
-    n = 4
-    models = random_models(make, n)
+def _setup(make, n, random_models, seed):
+    """``n`` random models of ``make``: their spec and stack, a seeded generator, ``perms(d)`` (``n`` random
+    index permutations from it) and ``dense(idx, d)`` (their ``(n, d, d)`` matrices)."""
     spec = make().permutation_spec()
-    stack = Stack.from_state_dicts(models, spec)
-    gen = torch.Generator().manual_seed(0)
+    stack = Stack.from_state_dicts(random_models(make, n), spec)
+    gen = torch.Generator().manual_seed(seed)
 
     def perms(d):
         return torch.stack([torch.randperm(d, generator=gen) for _ in range(n)])
 
     def dense(idx, d):
         return torch.zeros(n, d, d).scatter_(1, idx.unsqueeze(1), 1.0)
+
+    return spec, stack, gen, perms, dense
+
+
+@pytest.mark.parametrize("make", [lambda: MLP((16,), 5, widths=(7, 6)),
+                                  lambda: SmallCNN((1, 8, 8), 5, channels=(3, 4), hidden=6)],
+                         ids=["mlp", "cnn"])
+def test_pairwise_line_search_polynomial_is_the_relaxed_objective_along_the_direction(make, random_models):
+    n = 4
+    spec, stack, gen, perms, dense = _setup(make, n, random_models, seed=0)
 
     soft, vertex, away, scale = {}, {}, {}, {}
     for g, d in spec.sizes.items():  # every block a mixture of two vertices; the away vertex is one of them
@@ -156,16 +163,7 @@ def test_partial_maps_moved_by_gathers_equal_fresh_products(make, pairwise, rand
     gathers (``_advance``); after several steps they must equal the maps built afresh, by dense
     products, from the moved soft matrices."""
     n = 4
-    models = random_models(make, n)
-    spec = make().permutation_spec()
-    stack = Stack.from_state_dicts(models, spec)
-    gen = torch.Generator().manual_seed(1)
-
-    def perms(d):
-        return torch.stack([torch.randperm(d, generator=gen) for _ in range(n)])
-
-    def dense(idx, d):
-        return torch.zeros(n, d, d).scatter_(1, idx.unsqueeze(1), 1.0)
+    spec, stack, gen, perms, dense = _setup(make, n, random_models, seed=1)
 
     soft = {g: dense(perms(d), d) for g, d in spec.sizes.items()}
     apply = {g: SoftPermutation(soft[g]).apply for g in spec.sizes}

@@ -118,7 +118,12 @@ def linear_term(x: torch.Tensor, s: torch.Tensor, axis: int, d: int, out: torch.
 
     With ``out`` (``(n, d, d)``), ``G`` is added to it in place (no temporary for the product).
     """
-    xv, sv = split_axis(x, axis, d), split_axis(s, axis, d)
+    return unit_products(split_axis(x, axis, d), split_axis(s, axis, d), out=out)
+
+
+def unit_products(xv: torch.Tensor, sv: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``G[p, k, i] = sum_{a,b} xv[p, a, k, b] sv[p, a, i, b]`` for views ``(n, A, d, B)`` and ``(n, A, e, B)``
+    (:func:`split_axis`): one batched product where the units lead or come last; added to ``out`` if given."""
     if xv.shape[1] == 1:  # units lead (output axis): (n, d, B) @ (n, B, d)
         a, b = xv[:, 0], sv[:, 0].transpose(1, 2)
     elif xv.shape[3] == 1:  # units last (input axis of a linear layer): (n, d, A) @ (n, A, d)
@@ -258,7 +263,7 @@ class _ScoreCache:
         for (key, axis, d), parts in columns.items():
             units = torch.cat([u for u, _ in parts])
             back = torch.cat([b for _, b in parts], dim=1)
-            delta = _cross(split_axis(weights[key][p:p + 1], axis, d)[0], back)
+            delta = unit_products(split_axis(weights[key][p:p + 1], axis, d), back.unsqueeze(0))[0]
             self.matrix[p].index_add_(1, units, delta)
         owed.clear()
         return self.matrix[p]
@@ -274,26 +279,6 @@ class _ScoreCache:
         self.valid[mask] = False
         for p in torch.nonzero(mask).flatten().tolist():
             self.pending[p].clear()
-
-
-def _cross(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``sum_{a,b} x[a, k, b] y[a, j, b]`` for ``x`` ``(A, d, B)`` and ``y`` ``(A, e, B)``: ``(d, e)``."""
-    if x.shape[0] == 1:
-        return x[0] @ y[0].T
-    if x.shape[2] == 1:
-        return x[..., 0].T @ y[..., 0]
-    return torch.einsum("akb,ajb->kj", x, y)
-
-
-def _units_first(t: torch.Tensor, axis: int, d: int) -> torch.Tensor:
-    """``t`` (``(m, ...)``) as ``(m, d, R)`` along ``axis`` (a view where the layout allows)."""
-    v = split_axis(t, axis, d)
-    m, outer, _, inner = v.shape
-    if outer == 1:
-        return v[:, 0]
-    if inner == 1:
-        return v[..., 0].transpose(1, 2)
-    return v.transpose(1, 2).reshape(m, d, outer * inner)
 
 
 def _inverse(perm: torch.Tensor) -> torch.Tensor:
@@ -484,8 +469,8 @@ class BlockAscent:
                     for c, k in stack.axes[key]:
                         if c not in (a, b):
                             sub = contract_hard(sub, c, self.perms[k][models])
-                    left = _units_first(sub, a, d)
-                    right = _units_first(diff, a, d)[0]
+                    left = matricize(sub, a, d)[0]
+                    right = matricize(diff, a, d)[0][0]
                     for i, p in enumerate(models.tolist()):
                         cache.pending[p].append(("rank", left[i], right))
             if cache.valid[q]:
@@ -497,7 +482,7 @@ class BlockAscent:
                     target = _select_units(self.total32[key].unsqueeze(0), b, dh, slots)
                     if self.active[q]:
                         target = target - _select_units(self.u[key][q:q + 1], b, dh, slots)
-                    cache.pending[q].append(("rank", _units_first(change, a, d)[0], _units_first(target, a, d)[0]))
+                    cache.pending[q].append(("rank", matricize(change, a, d)[0][0], matricize(target, a, d)[0][0]))
 
     @staticmethod
     def _updatable(cache: "_ScoreCache", models: torch.Tensor, fraction: float) -> torch.Tensor:

@@ -51,8 +51,8 @@ from ._stack import (BlockAscent, SoftPermutation, Stack, contract_hard, linear_
 __all__ = ["c2m3_matching"]
 
 
-#: Sweeps over a model's groups that ``init="auto"`` spends placing it before it gives up.
-_AUTO_SWEEPS = 5
+#: Most passes over a model's groups that the start spends placing it (it stops at a pass that changes nothing).
+_START_SWEEPS = 100
 #: Relative gap to the Cauchy-Schwarz bound under which a model counts as coinciding with the placed ones.
 _CERTIFICATE_RTOL = 1e-7
 
@@ -107,14 +107,17 @@ def c2m3_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec: Symme
     init:
         Where Frank-Wolfe starts.  ``"auto"`` (default): first a *sequential match* — model 0 fixes
         the universe's labelling, models ``1, 2, ...`` in turn are block-coordinate matched (each
-        group re-solved by one LAP against the sum of the models already placed, at most a few
-        passes) and added to that sum.  If every model then coincides with the placed ones in the
+        group re-solved by one LAP against the sum of the models already placed, in passes over the
+        groups in the spec's order until one changes nothing) and added to that sum.  If every model then coincides with the placed ones in the
         universe, Eq. 4 equals its Cauchy-Schwarz bound ``sum_{p<q} ||U_p|| ||U_q||`` (norms do not
         depend on the permutations): a certified global optimum, returned as it is (permuted
         copies of one model end here; see ``confirm``).  At the first model that does not, it
-        gives up (having spent a few LAPs on one model) and Frank-Wolfe starts from identity
-        matrices as in the paper.  ``"identity"``: the paper's start, always.  ``"sequential"``: the full sequential
-        match (each model until a pass changes nothing) as Frank-Wolfe's start; Frank-Wolfe rarely
+        gives up (having matched that one model, as one Git Re-Basin pair costs) and Frank-Wolfe
+        starts from identity matrices as in the paper.  The spec's group order runs from the input
+        side (zoo models, traced specs): a permuted copy's first group is then fixed by its
+        unpermuted inputs and each pass carries that through the network; in random orders a deep
+        chain needed a pass per layer.  ``"identity"``: the paper's start, always.  ``"sequential"``: the full sequential
+        match (all models) as Frank-Wolfe's start; Frank-Wolfe rarely
         leaves such a vertex, and on independently trained MLPs this ends lower than the
         identity start; the rounded Frank-Wolfe result replaces the start only if it scores at
         least as high.  The starts are not in the paper.
@@ -224,8 +227,9 @@ def c2m3_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec: Symme
         placer = BlockAscent(stack, start, active=torch.arange(n) == 0)
         certified = init == "auto"
         for p in range(1, n):
-            placer.match_model(p, [groups[i] for i in rng.permutation(len(groups))],
-                               max_sweeps=_AUTO_SWEEPS if init == "auto" else 100)
+            # the spec's order, input side first: a copy's first group is fixed by its unpermuted inputs and
+            # each pass carries that forward (random orders need up to a pass per layer on deep chains)
+            placer.match_model(p, list(groups), max_sweeps=_START_SWEEPS)
             if init == "auto":
                 share, bound = placer.alignment_with_active(p)
                 if not share >= (1.0 - _CERTIFICATE_RTOL) * bound:
