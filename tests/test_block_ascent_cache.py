@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from fedmerge.matching._stack import BlockAscent, Stack, linear_term
+from fedmerge.matching._stack import Stack, linear_term
+from fedmerge.matching.block_ascent import BlockAscent
 from fedmerge.models import MLP, SmallCNN, VGG, resnet20
 
 MAKERS = {

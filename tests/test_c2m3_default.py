@@ -177,7 +177,8 @@ def test_independent_models_fall_back_to_frank_wolfe_at_once():
     assert "no sequential match" in auto.message and auto.history == ident.history
     assert auto.objective == ident.objective
     # the start's extra LAPs are those of matching model 1 alone to model 0, then it gave up
-    from fedmerge.matching._stack import BlockAscent, Stack
+    from fedmerge.matching._stack import Stack
+    from fedmerge.matching.block_ascent import BlockAscent
     stack = Stack.from_state_dicts(models, spec)
     placer = BlockAscent(stack, {g: torch.arange(d).expand(4, -1) for g, d in spec.sizes.items()},
                          active=torch.arange(4) == 0)
@@ -217,7 +218,8 @@ def test_converged_means_a_fixed_point_with_refinement():
 
 def test_refinement_fixed_point_no_single_permutation_improves():
     """At the returned fixed point, re-solving any one (model, group) block gives nothing better."""
-    from fedmerge.matching._stack import BlockAscent, Stack, stack_permutations
+    from fedmerge.matching._stack import Stack, stack_permutations
+    from fedmerge.matching.block_ascent import BlockAscent
     make = lambda: MLP((64,), 10, widths=(32, 24))  # noqa: E731
     models = [_model(make, seed=s).state_dict() for s in range(4)]
     spec = make().permutation_spec()
@@ -255,7 +257,8 @@ def test_block_ascent_updates_match_a_fresh_start_and_a_fixed_point_costs_no_lap
     only; after many accepted steps they equal those of a fresh start at the same permutations, every
     step raised the objective, and once a sweep changes nothing the next one solves no LAP (every
     block's inputs are unchanged since it was last solved)."""
-    from fedmerge.matching._stack import BlockAscent, Stack
+    from fedmerge.matching._stack import Stack
+    from fedmerge.matching.block_ascent import BlockAscent
     make = lambda: MLP((64,), 10, widths=(32, 24))  # noqa: E731
     models = [_model(make, seed=s).state_dict() for s in range(4)]
     spec = make().permutation_spec()

@@ -45,7 +45,8 @@ from ..assignment import solve_lap_groups
 from ..warm_lap import WarmStart
 from ..progress import STOPPED, Callback, report
 from ..spec import SymmetrySpec
-from ._stack import (BlockAscent, SoftPermutation, Stack, contract_hard, linear_term, pair_objective,
+from .block_ascent import BlockAscent
+from ._stack import (SoftPermutation, Stack, contract_hard, linear_term, pair_objective,
                      sum_pairs, unstack_permutations)
 
 __all__ = ["c2m3_matching"]

@@ -1,0 +1,432 @@
+"""Block-coordinate ascent on Eq. 4 over hard permutations: C²M³'s start and its refinement.
+
+One (model, group) block at a time is re-solved by one LAP against the sum of the other models in
+the universe, everything else held fixed; a step is kept only if it raises the objective.  Each
+block's cost matrix is kept between visits, and the changes that other blocks' steps make to it
+are owed as low-rank or column updates until the block is next visited (:class:`_ScoreCache`).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from ..assignment import solve_lap
+from ..warm_lap import WarmStart
+from ._stack import Stack, contract_hard, linear_term, matricize, pair_objective, split_axis, unit_products
+
+__all__ = ["BlockAscent"]
+
+
+#: Visits that apply updates to a cached cost matrix before it is computed again (bounds the float32
+#: rounding they add up).
+_MAX_UPDATES = 64
+#: A cached cost matrix whose owed updates touch more than this fraction of its units is dropped and
+#: computed afresh: applying updates on a fraction f of the units costs about f of a fresh product.
+_OWED_UNITS = 1.0
+#: Entries of one tensor a refinement step maps at once (its float64 temporaries are a few times this).
+_STEP_CHUNK = 1 << 24
+
+
+class _ScoreCache:
+    """One group's cost matrices for every model, ``(n, d, d)``, and the updates they still owe.
+
+    Updates are kept as factors and applied when the block is next visited, all of them in one
+    product per kind: a block that several steps touch between two visits pays one pass over its
+    weights, not one per step.
+    """
+
+    def __init__(self, n: int, d: int, device):
+        self.matrix = torch.zeros(n, d, d, device=device)
+        self.valid = torch.zeros(n, dtype=torch.bool)
+        self.moved = torch.zeros(n, dtype=torch.float64)  # fraction of units the pending updates touch
+        self.updates = torch.zeros(n, dtype=torch.int64)  # visits that applied updates since the last product
+        self.pending: list[list[tuple]] = [[] for _ in range(n)]
+
+    def current(self, p: int, weights: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Model ``p``'s matrix with its pending updates applied (``weights``: the stacked raw weights).
+
+        Two kinds are owed: ``("rank", L, R)``, the matrix changes by ``L R^T``; ``("columns", key,
+        axis, d, units, back)``, columns ``units`` change by model ``p``'s raw ``key`` against ``back``
+        (``(A, |units|, B)`` around ``axis``), collected per entry into one product.
+        """
+        owed = self.pending[p]
+        if not owed:
+            return self.matrix[p]
+        self.moved[p] = 0.0
+        self.updates[p] += 1
+        ranks = [(e[1], e[2]) for e in owed if e[0] == "rank"]
+        if ranks:
+            left = torch.cat([l for l, _ in ranks], dim=1)
+            right = torch.cat([r for _, r in ranks], dim=1)
+            self.matrix[p].addmm_(left, right.T)
+        columns: dict[tuple[str, int, int], list] = {}
+        for e in owed:
+            if e[0] == "columns":
+                columns.setdefault(e[1:4], []).append((e[4], e[5]))
+        for (key, axis, d), parts in columns.items():
+            units = torch.cat([u for u, _ in parts])
+            back = torch.cat([b for _, b in parts], dim=1)
+            delta = unit_products(split_axis(weights[key][p:p + 1], axis, d), back.unsqueeze(0))[0]
+            self.matrix[p].index_add_(1, units, delta)
+        owed.clear()
+        return self.matrix[p]
+
+    def reset(self, p: int, score: torch.Tensor) -> None:
+        self.matrix[p] = score
+        self.valid[p] = True
+        self.moved[p] = 0.0
+        self.updates[p] = 0
+        self.pending[p].clear()
+
+    def drop(self, mask: torch.Tensor) -> None:
+        self.valid[mask] = False
+        for p in torch.nonzero(mask).flatten().tolist():
+            self.pending[p].clear()
+
+
+def _inverse(perm: torch.Tensor) -> torch.Tensor:
+    """Row-wise inverse permutations of ``(m, d)``."""
+    return torch.argsort(perm, dim=1)
+
+
+def _select_units(t: torch.Tensor, axis: int, d: int, index: torch.Tensor) -> torch.Tensor:
+    """``t`` (``(m, ...)``) restricted along ``axis`` (``d`` units) to units ``index[i]`` (``(m, k)``) of model ``i``."""
+    m, k = index.shape
+    v = split_axis(t, axis, d)
+    if m == 1:
+        sub = v.index_select(2, index[0])
+    else:
+        sub = v.gather(2, index.view(m, 1, k, 1).expand(m, v.shape[1], k, v.shape[3]))
+    shape = list(t.shape)
+    shape[axis + 1] = k * (t.shape[axis + 1] // d)
+    return sub.reshape(shape)
+
+
+class BlockAscent:
+    """Hard permutations of ``n`` stacked models, improved one (model, group) block at a time.
+
+    Holding every permutation but that of group ``g`` in model ``p`` fixed, Eq. 4 is
+    ``<U_p, T> + const`` with ``T`` the sum of the other models in the universe (``||U_p||`` does
+    not depend on the permutations), so the best ``P_g^p`` is one LAP on the cost matrix
+    ``linear_term(model p mapped on every other axis, T)`` — exact where ``g`` acts on one axis of
+    each tensor, a linearisation otherwise.  A new permutation is kept only if it raises the
+    objective (computed exactly, in float64), so every accepted step is an ascent step and the
+    sweeps end.
+
+    ``active`` marks the models counted in ``T`` (all by default); a model outside it is matched
+    to the sum of the active ones, which is how :meth:`sequential` builds a start.  Memory: the
+    universe images ``U`` (one more copy of the models) and their sum in float64.
+    """
+
+    def __init__(self, stack: Stack, perms: Mapping[str, torch.Tensor], active: torch.Tensor | None = None):
+        self.stack = stack
+        self.perms = {g: p.clone() for g, p in perms.items()}
+        n = stack.n
+        self.active = torch.ones(n, dtype=torch.bool) if active is None else active.clone().cpu()
+        self.u = {k: stack.to_universe_hard(self.perms, k) for k in stack.weights}
+        self.total = {}
+        for k, u in self.u.items():  # model by model: no float64 copy of all n models at once
+            total = torch.zeros(u.shape[1:], dtype=torch.float64, device=u.device)
+            for i in torch.nonzero(self.active).flatten().tolist():
+                total += u[i]
+            self.total[k] = total
+        self.places: dict[str, list[tuple[str, int]]] = {g: [] for g in stack.groups()}
+        for key, axes in stack.axes.items():
+            for a, g in axes:
+                self.places[g].append((key, a))
+        self.total32 = {k: t.float() for k, t in self.total.items()}  # what the cost-matrix products use
+        self.laps = 0
+        self.gain = 0.0  # objective gained by the accepted steps (each read off its cost matrix, or exact)
+        self._norms: dict[str, torch.Tensor] | None = None
+        self.versions = {k: 0 for k in stack.weights}  # bumped whenever some model's U[key] changes
+        self._clean: dict[tuple[int, str], tuple] = {}  # (model, group) -> versions when last solved unchanged
+        self._warm: dict[tuple[int, str], WarmStart] = {}  # (model, group) -> the LAP's state from its last solve
+        self._scores: dict[str, _ScoreCache] = {}  # group -> every model's cost matrix, kept between visits
+
+    def _target(self, key: str, p: int) -> torch.Tensor:
+        t = self.total[key]
+        return t - self.u[key][p].double() if self.active[p] else t
+
+    def _target32(self, key: str, p: int) -> torch.Tensor:
+        t = self.total32[key]
+        return t - self.u[key][p] if self.active[p] else t
+
+    def step(self, p: int, g: str) -> bool:
+        """Re-solve group ``g`` of model ``p``; True if its permutation changed (and the objective rose).
+
+        The cost matrix is a float32 product against ``T``, kept between visits and updated on the
+        units that later steps move (:meth:`_propagate`); the LAP is warm-started from the block's
+        last solve.  A new permutation is taken only if its gain, computed exactly (float64) on
+        the units it moves, is positive.  A block whose inputs (model ``p``'s other permutations
+        on ``g``'s tensors, the other models on them) have not changed since it was last solved
+        without change is skipped: its LAP would return the same permutation.
+        """
+        d = self.stack.spec.sizes[g]
+        places = self.places[g]
+        if not places:
+            return False
+        keys = list(dict.fromkeys(k for k, _ in places))
+        stamp = tuple(self.versions[k] for k in keys)
+        if self._clean.get((p, g)) == stamp:
+            return False
+        score = self._score(p, g)
+        warm = self._warm.get((p, g))
+        if warm is None:
+            warm = self._warm[(p, g)] = WarmStart(d)
+            warm.perm = self.perms[g][p].cpu().numpy().astype(np.int64)
+        new = solve_lap(score, warm)
+        self.laps += 1
+        old = self.perms[g][p].clone()  # (a view would follow the update)
+        if torch.equal(new, old):
+            self._clean[(p, g)] = stamp
+            return False
+        scale = abs(float(score[old, torch.arange(d, device=old.device)].double().sum()))
+        if len(keys) < len(places):  # g acts on two axes of one tensor: the cost matrix is a linearisation
+            accepted = self._full_step(p, g, new, keys)
+            if accepted:
+                for k in keys:
+                    self._forget(k)
+        else:
+            accepted = self._moved_step(p, g, new, old, scale)
+        if accepted:
+            for k in keys:
+                self.versions[k] += 1
+        else:
+            self._clean[(p, g)] = stamp
+        return accepted
+
+    # ---- cost matrices, kept between visits
+    def _score(self, p: int, g: str) -> torch.Tensor:
+        """Block ``(p, g)``'s cost matrix: the cached one, or a new product against ``T``."""
+        cache = self._scores.get(g)
+        if cache is not None and cache.valid[p]:
+            return cache.current(p, self.stack.weights)
+        d = self.stack.spec.sizes[g]
+        one = {h: q[p:p + 1] for h, q in self.perms.items()}
+        score = None
+        for key, a in self.places[g]:
+            x = self.stack.to_universe_hard(one, key, skip=a, source=self.stack.weights[key][p:p + 1])
+            s = linear_term(x, self._target32(key, p).unsqueeze(0), a, d)[0]
+            score = s if score is None else score.add_(s)
+        if cache is None:
+            cache = self._scores[g] = _ScoreCache(self.stack.n, d, score.device)
+        cache.reset(p, score)
+        return cache.matrix[p]
+
+    def _forget(self, key: str, model: int | None = None) -> None:
+        """Drop the cached cost matrices of every group on ``key`` (of one model, or of all)."""
+        for _, g in self.stack.axes[key]:
+            cache = self._scores.get(g)
+            if cache is not None:
+                cache.drop(torch.ones_like(cache.valid) if model is None else torch.arange(self.stack.n) == model)
+
+    def _propagate(self, q: int, h: str, key: str, b: int, units: torch.Tensor, diff: torch.Tensor) -> None:
+        """Update the cached cost matrices after model ``q``'s ``U[key]`` changed by ``diff`` on slots ``units``.
+
+        ``diff`` (``(1, ...)``, ``key``'s shape with axis ``b`` restricted to ``units``) is in universe
+        coordinates on every axis.  For another model ``p`` the target ``T_p`` changed by ``diff``:
+        its blocks on ``h`` change in the columns ``units`` (model ``p``'s raw weights against
+        ``diff`` mapped back to ``p``'s units on the other axes), its blocks on the other groups of
+        ``key`` by a product restricted to those slots.  For ``q`` itself ``T_q`` did not change, but
+        its weights mapped on axis ``b`` did: its blocks on the other groups change by ``diff``
+        against ``T_q`` on those slots.  The updates are owed until the block's next visit; a block
+        whose owed updates touch more than ``_OWED_UNITS`` of its units, or that has applied updates at
+        ``_MAX_UPDATES`` visits since its last full product (their float32 rounding adds up), is
+        dropped instead and computed afresh when next visited.
+        """
+        stack = self.stack
+        n, sizes = stack.n, stack.spec.sizes
+        dh, m = sizes[h], units.numel()
+        fraction = m / dh
+        weights = stack.weights[key]
+        for a, g in stack.axes[key]:
+            cache = self._scores.get(g)
+            if cache is None or not bool(cache.valid.any()):
+                continue
+            d = sizes[g]
+            if g == h:  # (only one axis of key carries h: the two-axis case takes _full_step)
+                others = cache.valid.clone()
+                others[q] = False
+                if not self.active[q]:
+                    continue
+                models = self._updatable(cache, others, fraction)
+                if models.numel() == 0:
+                    continue
+                # model p's raw weights against diff with p's own units on every other axis
+                back = diff.expand(models.numel(), *diff.shape[1:])
+                for c, k in stack.axes[key]:
+                    if c != b:
+                        back = contract_hard(back, c, _inverse(self.perms[k][models]))
+                bv = split_axis(back, b, m)  # (M, A, |units|, B)
+                for i, p in enumerate(models.tolist()):  # one product per entry at the next visit
+                    cache.pending[p].append(("columns", key, b, dh, units, bv[i]))
+                continue
+            # g is another group of key, on axis a
+            others = cache.valid.clone()
+            others[q] = False
+            if self.active[q]:
+                models = self._updatable(cache, others, fraction)
+                if models.numel():
+                    # model p's weights on its units perm_h[p][units] along b, mapped on the axes but a and b
+                    sub = _select_units(weights, b, dh, self.perms[h][:, units])[models]  # gathers, then the few
+                    for c, k in stack.axes[key]:
+                        if c not in (a, b):
+                            sub = contract_hard(sub, c, self.perms[k][models])
+                    left = matricize(sub, a, d)[0]
+                    right = matricize(diff, a, d)[0][0]
+                    for i, p in enumerate(models.tolist()):
+                        cache.pending[p].append(("rank", left[i], right))
+            if cache.valid[q]:
+                mine = self._updatable(cache, torch.arange(n) == q, fraction)
+                if mine.numel():
+                    # q's weights mapped on b changed by diff; back to q's raw units along a
+                    change = contract_hard(diff, a, _inverse(self.perms[g][q:q + 1]))
+                    slots = units.unsqueeze(0)  # T_q on these slots only: no full-size target tensor
+                    target = _select_units(self.total32[key].unsqueeze(0), b, dh, slots)
+                    if self.active[q]:
+                        target = target - _select_units(self.u[key][q:q + 1], b, dh, slots)
+                    cache.pending[q].append(("rank", matricize(change, a, d)[0][0], matricize(target, a, d)[0][0]))
+
+    @staticmethod
+    def _updatable(cache: "_ScoreCache", models: torch.Tensor, fraction: float) -> torch.Tensor:
+        """Models among ``models`` whose cached matrix takes one more update (the others are dropped)."""
+        take = models & cache.valid
+        drop = take & ((cache.moved + fraction > _OWED_UNITS) | (cache.updates >= _MAX_UPDATES))
+        cache.drop(drop)
+        take &= ~drop
+        cache.moved[take] += fraction
+        return torch.nonzero(take).flatten()
+
+    def _moved_step(self, p: int, g: str, new: torch.Tensor, old: torch.Tensor, scale: float) -> bool:
+        """Take ``new`` for block ``(p, g)`` if it raises the objective: the exact gain on the moved units.
+
+        The moved units are handled in chunks of at most ``_STEP_CHUNK`` entries per tensor, so a
+        step that moves most units of a big layer holds a few float64 temporaries of a chunk, not
+        of the layer; with more than one chunk the changes are mapped again to be applied.
+        """
+        d = new.numel()
+        units = torch.nonzero(new != old).flatten()
+        one = {h: q[p:p + 1] for h, q in self.perms.items()}
+        chunks = [(key, a, chunk) for key, a in self.places[g]
+                  for chunk in units.split(max(1, _STEP_CHUNK * d // max(self.stack.weights[key][0].numel(), 1)))]
+        keep = len(chunks) == len(self.places[g])
+        changes, gain = [], 0.0
+        for key, a, chunk in chunks:
+            fresh, exact, target = self._change(p, key, a, d, chunk, new, old, one)
+            gain += float((target * exact).sum())
+            changes.append((key, a, chunk, fresh, exact) if keep else (key, a, chunk, None, None))
+            del fresh, exact, target
+        if not gain > 1e-12 * max(scale, 1e-300):
+            return False
+        self.gain += gain
+        self.perms[g][p] = new
+        for key, a, chunk, fresh, exact in changes:  # U_p, the float64 sum and its float32 copy, on the moved slots
+            if fresh is None:
+                fresh, exact, _ = self._change(p, key, a, d, chunk, new, old, one, target=False)
+            m = chunk.numel()
+            split_axis(self.u[key][p:p + 1], a, d)[:, :, chunk] = split_axis(fresh, a, m)
+            if self.active[p]:
+                total = split_axis(self.total[key].unsqueeze(0), a, d)
+                rows = total[:, :, chunk] + split_axis(exact, a, m)
+                total[:, :, chunk] = rows
+                split_axis(self.total32[key].unsqueeze(0), a, d)[:, :, chunk] = rows.float()
+                del rows
+            self._propagate(p, g, key, a, chunk, exact.float())
+        return True
+
+    def _change(self, p: int, key: str, a: int, d: int, slots: torch.Tensor, new: torch.Tensor, old: torch.Tensor,
+                one, target: bool = True):
+        """``(fresh, exact, target)`` on universe slots ``slots`` of ``key`` along ``a`` for model ``p``.
+
+        ``fresh``: model ``p``'s units ``new[slots]`` mapped there (float32); ``exact``: ``fresh`` minus
+        what ``old`` maps there, in float64 (float32 differences are not exact); ``target``: ``T_p`` on
+        those slots in float64 (``None`` with ``target=False``).
+        """
+        w = self.stack.weights[key][p:p + 1]
+        fresh = self._mapped_units(w, key, a, d, new[slots], one)
+        stale = self._mapped_units(w, key, a, d, old[slots], one).double()
+        exact = fresh.double().sub_(stale)
+        t = None
+        if target:
+            t = _select_units(self.total[key].unsqueeze(0), a, d, slots.unsqueeze(0))
+            if self.active[p]:
+                t.sub_(stale)  # U_p on these slots is what ``old`` maps there
+        return fresh, exact, t
+
+    def _mapped_units(self, w: torch.Tensor, key: str, a: int, d: int, units: torch.Tensor, one) -> torch.Tensor:
+        """Model units ``units`` of ``w`` (``(1, ...)``) along axis ``a``, mapped into the universe on every other axis."""
+        t = _select_units(w, a, d, units.unsqueeze(0))
+        for b, h in self.stack.axes[key]:
+            if b != a:
+                t = contract_hard(t, b, one[h])
+        return t
+
+    def _full_step(self, p: int, g: str, new: torch.Tensor, keys) -> bool:
+        stack = self.stack
+        one = {h: q[p:p + 1] for h, q in self.perms.items()}
+        one[g] = new.unsqueeze(0)
+        moved, gain, scale = {}, 0.0, 0.0
+        for key in keys:
+            target = self._target(key, p)
+            u_new = stack.to_universe_hard(one, key, source=stack.weights[key][p:p + 1])[0]
+            u_old = self.u[key][p]
+            gain += float(((u_new.double() - u_old.double()) * target).sum())
+            scale += abs(float((u_old.double() * target).sum()))
+            moved[key] = u_new
+        if not gain > 1e-12 * max(scale, 1e-300):
+            return False
+        self.gain += gain
+        self.perms[g][p] = new
+        for key, u_new in moved.items():
+            if self.active[p]:
+                self.total[key] += u_new.double() - self.u[key][p].double()
+                self.total32[key] = self.total[key].float()
+            self.u[key][p] = u_new
+        return True
+
+    def match_model(self, p: int, groups: Sequence[str], max_sweeps: int) -> int:
+        """Sweeps over model ``p``'s groups until one changes nothing (at most ``max_sweeps``); returns sweeps."""
+        for sweep in range(1, max_sweeps + 1):
+            if not sum(self.step(p, g) for g in groups):
+                return sweep
+        return max_sweeps
+
+    def activate(self, p: int) -> None:
+        """Count model ``p`` in the targets of the others from now on."""
+        if not self.active[p]:
+            self.active[p] = True
+            for k in self.total:
+                self.total[k] += self.u[k][p].double()
+                self.total32[k] = self.total[k].float()
+                self.versions[k] += 1
+            self._scores.clear()  # every other model's target changed
+
+    def alignment_with_active(self, p: int) -> tuple[float, float]:
+        """``(<U_p, T>, sum_key ||U_p|| ||T_key||-style bound)`` against the active models other than ``p``.
+
+        The first number is model ``p``'s share of Eq. 4 against the active models; the second is
+        its Cauchy-Schwarz bound ``sum_key sum_q ||W_p^key|| ||W_q^key||`` (norms do not depend on
+        the permutations).  They are equal exactly when ``p`` coincides with every active model in
+        the universe, up to positive scale.
+        """
+        share, bound = 0.0, 0.0
+        others = self.active.clone()
+        others[p] = False
+        norms = self.norms()
+        for key, u in self.u.items():
+            share += float(u[p].double().reshape(-1) @ self._target(key, p).reshape(-1))
+            bound += float(norms[key][p] * norms[key][others.to(norms[key].device)].sum())
+        return share, bound
+
+    def norms(self) -> dict[str, torch.Tensor]:
+        """``{key: (n,)}`` Frobenius norms of every model's entry, in float64 (permutations do not change them)."""
+        if self._norms is None:
+            self._norms = {k: torch.stack([w[i].double().norm() for i in range(self.stack.n)])
+                           for k, w in self.stack.weights.items()}
+        return self._norms
+
+    def objective(self) -> float:
+        return pair_objective(self.stack, self.perms)
