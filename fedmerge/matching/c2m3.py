@@ -246,6 +246,8 @@ def c2m3_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec: Symme
         if init == "sequential" or certified:
             start = placer.perms
             messages.append(f"sequential start ({laps} LAPs)")
+        # its universe images, sums and cost matrices (≈ 2 more copies of the models) are not needed from here
+        del placer
     start_objective = pair_objective(stack, start) if init == "sequential" or certified else None
     if certified:
         messages.append("every model coincides with model 0 in the universe: Eq. 4 equals its Cauchy-Schwarz "
