@@ -461,28 +461,25 @@ def _partial_maps(stack: Stack, key: str, axes, apply: Mapping[str, Callable]) -
 
 
 def _advance(stack: Stack, key: str, axes, cache: dict, vertex: Mapping[str, torch.Tensor], step: float,
-             away: Mapping[str, torch.Tensor] | None = None, scale: Mapping[str, torch.Tensor] | None = None,
-             models: tuple[int, int] | None = None) -> bool:
+             away: Mapping[str, torch.Tensor] | None = None, scale: Mapping[str, torch.Tensor] | None = None) -> bool:
     """Move entry ``key``'s partial maps (``cache``, from :func:`_partial_maps`) to the soft matrices
     after the step, in place: ``P <- (1 - t) P + t Π`` (or ``P + t s (Π - A)`` with ``away``).
 
     The maps are bilinear in the matrices of their axes, and every new term has a vertex ``Π`` or
     ``A`` on the moved axis: a gather of a map already held, so no matrix product is needed.  The
     paper's step is applied as a convex combination of the old maps and the gathers (its rounding
-    errors do not grow over iterations).  ``models``: ``(lo, hi)``, move models ``lo..hi-1`` only
-    (block steps).  Returns False, leaving ``cache`` alone, for an entry with more than two
-    permuted axes.
+    errors do not grow over iterations).  Returns False, leaving ``cache`` alone, for an entry with
+    more than two permuted axes.
     """
     k = len(axes)
     if k > 2:
         return False
     w = stack.weights[key]
-    first, last = (0, stack.n) if models is None else models
-    numel = w[0].numel()
+    n, numel = stack.n, w[0].numel()
     t = float(step)
-    size = max(1, min(last - first, _CHUNK // max(numel * 2, 1)))
-    for lo in range(first, last, size):
-        sl = slice(lo, min(last, lo + size))
+    size = max(1, min(n, _CHUNK // max(numel * 2, 1)))
+    for lo in range(0, n, size):
+        sl = slice(lo, min(n, lo + size))
         wc = w[sl]
         pi = {g: vertex[g][sl] for _, g in axes}
 
