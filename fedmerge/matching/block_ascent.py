@@ -117,8 +117,8 @@ class BlockAscent:
     sweeps end.
 
     ``active`` marks the models counted in ``T`` (all by default); a model outside it is matched
-    to the sum of the active ones, which is how :meth:`sequential` builds a start.  Memory: the
-    universe images ``U`` (one more copy of the models) and their sum in float64.
+    to the sum of the active ones, which is how C²M³'s start places one model after another.
+    Memory: the universe images ``U`` (one more copy of the models) and their sum in float64.
     """
 
     def __init__(self, stack: Stack, perms: Mapping[str, torch.Tensor], active: torch.Tensor | None = None):
