@@ -15,6 +15,7 @@ import torch
 import fedmerge
 from fedmerge import apply_permutation, random_permutation
 from fedmerge.models import MLP, build_model
+from fedmerge.matching import c2m3
 
 # Every zoo architecture (fedmerge.models.MODELS), at sizes that keep the file fast.
 ZOO = {
@@ -182,7 +183,7 @@ def test_independent_models_fall_back_to_frank_wolfe_at_once():
     stack = Stack.from_state_dicts(models, spec)
     placer = BlockAscent(stack, {g: torch.arange(d).expand(4, -1) for g, d in spec.sizes.items()},
                          active=torch.arange(4) == 0)
-    placer.match_model(1, stack.groups(), max_sweeps=100)
+    placer.match_model(1, stack.groups(), max_sweeps=c2m3._START_SWEEPS)
     assert auto.laps - ident.laps == placer.laps
 
 

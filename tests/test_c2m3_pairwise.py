@@ -171,7 +171,7 @@ def test_partial_maps_moved_by_gathers_equal_fresh_products(make, pairwise, rand
     for step in (0.5, 0.3, 0.7, 0.25):
         vertex = {g: perms(d) for g, d in spec.sizes.items()}
         away = scale = None
-        if pairwise:  # the away vertex: the block's own vertex where it is one, else a fresh one
+        if pairwise:  # any away vertex and scale: the maps are bilinear whatever the direction
             away = {g: perms(d) for g, d in spec.sizes.items()}
             scale = {g: torch.rand(n, generator=gen) * 0.5 for g in spec.sizes}
         for key, axes in stack.axes.items():

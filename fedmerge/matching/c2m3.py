@@ -109,19 +109,20 @@ def c2m3_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec: Symme
         Where Frank-Wolfe starts.  ``"auto"`` (default): first a *sequential match* — model 0 fixes
         the universe's labelling, models ``1, 2, ...`` in turn are block-coordinate matched (each
         group re-solved by one LAP against the sum of the models already placed, in passes over the
-        groups in the spec's order until one changes nothing) and added to that sum.  If every model then coincides with the placed ones in the
-        universe, Eq. 4 equals its Cauchy-Schwarz bound ``sum_{p<q} ||U_p|| ||U_q||`` (norms do not
-        depend on the permutations): a certified global optimum, returned as it is (permuted
-        copies of one model end here; see ``confirm``).  At the first model that does not, it
-        gives up (having matched that one model, as one Git Re-Basin pair costs) and Frank-Wolfe
-        starts from identity matrices as in the paper.  The spec's group order runs from the input
-        side (zoo models, traced specs): a permuted copy's first group is then fixed by its
-        unpermuted inputs and each pass carries that through the network; in random orders a deep
-        chain needed a pass per layer.  ``"identity"``: the paper's start, always.  ``"sequential"``: the full sequential
-        match (all models) as Frank-Wolfe's start; Frank-Wolfe rarely
-        leaves such a vertex, and on independently trained MLPs this ends lower than the
-        identity start; the rounded Frank-Wolfe result replaces the start only if it scores at
-        least as high.  The starts are not in the paper.
+        groups in the spec's order until one changes nothing) and added to that sum.  If every
+        model then coincides with the placed ones in the universe, Eq. 4 equals its Cauchy-Schwarz
+        bound ``sum_{p<q} ||U_p|| ||U_q||`` (norms do not depend on the permutations): a certified
+        global optimum, returned as it is (permuted copies of one model end here; see
+        ``confirm``).  At the first model that does not, it gives up (having matched that one
+        model, as one Git Re-Basin pair costs) and Frank-Wolfe starts from identity matrices as in
+        the paper.  The spec's group order runs from the input side (zoo models, traced specs): a
+        permuted copy's first group is then fixed by its unpermuted inputs and each pass carries
+        that through the network; in random orders a deep chain needs up to a pass per layer.
+        ``"identity"``: the paper's start, always.  ``"sequential"``: the full sequential match
+        (all models) as Frank-Wolfe's start; Frank-Wolfe rarely leaves such a vertex, and on
+        independently trained MLPs this ends lower than the identity start; the rounded
+        Frank-Wolfe result replaces the start only if it scores at least as high.  The starts are
+        not in the paper.
     refine:
         After rounding, block-coordinate ascent: sweeps visit the models in random order
         (``seed``) and, for each, every permutation group once, re-solving that group's LAP
@@ -363,11 +364,12 @@ def _frank_wolfe(stack: Stack, soft: dict[str, torch.Tensor], free: torch.Tensor
     # built by products once, then moved with each step by gathers (_advance)
     partial: dict[str, dict] = {}
     apply = None
+    wide = any(len(axes) > 2 for axes in stack.axes.values())  # such entries rebuild their maps every iteration
     for nit in range(1, max_iter + 1):
         # ---- gradient: per entry, the model mapped on all but one axis, against S - U_p
         for g in groups:
             grads[g].zero_()
-        if len(partial) < len(stack.axes) or any(len(axes) > 2 for axes in stack.axes.values()):
+        if wide or not partial:
             apply = {g: SoftPermutation(soft[g]).apply for g in groups}
         for key, axes in stack.axes.items():
             cache = partial.get(key)
