@@ -167,24 +167,61 @@ def test_identity_start_with_refinement_also_recovers_copies(count):
     assert result.sweeps >= 1 and result.converged
 
 
-def test_independent_models_fall_back_to_frank_wolfe_at_once():
-    """On models that are not copies the sequential match gives up after the first model: the result is
-    exactly Frank-Wolfe from identity matrices plus refinement."""
+def _teacher_trained(seed, widths, steps=300):
+    """A small MLP trained (Adam) on a fixed random linear teacher: units with structure, as training gives."""
+    g = torch.Generator().manual_seed(1234)
+    x = torch.randn(512, 64, generator=g)
+    y = (x @ torch.randn(64, 10, generator=g)).argmax(1)
+    torch.manual_seed(seed)
+    model = MLP((64,), 10, widths=widths)
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.mark.parametrize("trained", [False, True])
+def test_independent_models_keep_the_better_of_the_sequential_match_and_frank_wolfe(trained):
+    """On models that are not copies the default runs both searches: the sequential match (every model
+    placed) and Frank-Wolfe from identity matrices (the paper's iterates).  It keeps whichever rounding
+    scores higher: the sequential match on random initialisations, Frank-Wolfe on these trained MLPs."""
+    if trained:
+        models = [_teacher_trained(s, (48, 32)).state_dict() for s in range(4)]
+        spec = MLP((64,), 10, widths=(48, 32)).permutation_spec()
+    else:
+        make = lambda: MLP((64,), 10, widths=(32, 24))  # noqa: E731
+        models = [_model(make, seed=s).state_dict() for s in range(4)]
+        spec = make().permutation_spec()
+    sequential = fedmerge.match(models, spec, method="c2m3", init="sequential", max_iter=0, refine=0)
+    frank_wolfe = fedmerge.match(models, spec, method="c2m3", init="identity", max_iter=10, refine=0)
+    # the case this parameter is for: random initialisations favour the sequential match, training Frank-Wolfe
+    assert (frank_wolfe.objective > sequential.objective) == trained
+    kept = frank_wolfe if trained else sequential
+    auto = fedmerge.match(models, spec, method="c2m3", max_iter=10, refine=0)
+    assert auto.history == frank_wolfe.history and "not copies" in auto.message
+    assert auto.objective == pytest.approx(kept.objective, rel=1e-9)
+    for mine, theirs in zip(auto.transforms, kept.transforms):
+        assert all(torch.equal(mine[g], theirs[g]) for g in spec.sizes)
+    # every LAP of both searches is counted (each block's rounding included)
+    assert auto.laps == sequential.laps + frank_wolfe.laps
+    # refinement then starts from the kept permutations and only ascends
+    refined = fedmerge.match(models, spec, method="c2m3", max_iter=10)
+    assert refined.objective >= kept.objective - 1e-9 * abs(kept.objective) and refined.converged
+
+
+def test_max_iter_zero_refines_the_sequential_match():
+    """``max_iter=0`` skips Frank-Wolfe: on models that are not copies the sequential match is refined."""
     make = lambda: MLP((64,), 10, widths=(32, 24))  # noqa: E731
     models = [_model(make, seed=s).state_dict() for s in range(4)]
     spec = make().permutation_spec()
-    auto = fedmerge.match(models, spec, method="c2m3", max_iter=10)
-    ident = fedmerge.match(models, spec, method="c2m3", max_iter=10, init="identity")
-    assert "no sequential match" in auto.message and auto.history == ident.history
-    assert auto.objective == ident.objective
-    # the start's extra LAPs are those of matching model 1 alone to model 0, then it gave up
-    from fedmerge.matching._stack import Stack
-    from fedmerge.matching.block_ascent import BlockAscent
-    stack = Stack.from_state_dicts(models, spec)
-    placer = BlockAscent(stack, {g: torch.arange(d).expand(4, -1) for g, d in spec.sizes.items()},
-                         active=torch.arange(4) == 0)
-    placer.match_model(1, stack.groups(), max_sweeps=c2m3._START_SWEEPS)
-    assert auto.laps - ident.laps == placer.laps
+    auto = fedmerge.match(models, spec, method="c2m3", max_iter=0)
+    sequential = fedmerge.match(models, spec, method="c2m3", init="sequential", max_iter=0)
+    assert auto.nit == 0 and auto.history == [] and "kept (max_iter=0)" in auto.message
+    assert auto.objective == pytest.approx(sequential.objective, rel=1e-9)
+    unrefined = fedmerge.match(models, spec, method="c2m3", init="sequential", max_iter=0, refine=0)
+    assert auto.sweeps >= 2 and auto.objective > unrefined.objective
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -176,10 +176,12 @@ def test_the_callback_sees_every_iteration_and_can_stop(method, phase):
 
     def watch(info):
         seen.append((info.method, info.phase, info.nit))
-        return info.nit >= 2  # stop after the second iteration
+        return info.phase == phase and info.nit >= 2  # stop after the second iteration
 
     result = fedmerge.match(models, model=model, method=method, callback=watch)
-    assert seen == [(method, phase, 1), (method, phase, 2)]
+    # C²M³'s start reports each model it places first (models 1, 2, 3; these are not copies)
+    start = [(method, "start", p) for p in (1, 2, 3)] if method == "c2m3" else []
+    assert seen == start + [(method, phase, 1), (method, phase, 2)]
     assert result.message == STOPPED and not result.converged
     if method == "c2m3":
         assert result.nit == 2
@@ -193,11 +195,19 @@ def test_c2m3_refinement_reports_its_own_phase_and_stop_iteration_stops():
     phases = []
     fedmerge.match(models, model=model, method="c2m3", max_iter=3, refine=True,
                    callback=lambda info: phases.append(info.phase))
-    assert phases[:3] == ["frank-wolfe"] * 3 and phases[3:] and set(phases[3:]) == {"refinement"}
+    assert phases[:3] == ["start"] * 3 and phases[3:6] == ["frank-wolfe"] * 3
+    assert phases[6:] and set(phases[6:]) == {"refinement"}
 
     def stop(info):
         raise StopIteration
-    assert fedmerge.match(models, model=model, method="c2m3", callback=stop).nit == 1
+    stopped = fedmerge.match(models, model=model, method="c2m3", callback=stop)
+    assert stopped.message == STOPPED and stopped.nit == 0  # stopped at the first model the start placed
+
+    def stop_frank_wolfe(info):
+        if info.phase == "frank-wolfe":
+            raise StopIteration
+    stopped = fedmerge.match(models, model=model, method="c2m3", callback=stop_frank_wolfe)
+    assert stopped.message == STOPPED and stopped.nit == 1 and stopped.sweeps == 0
 
 
 # ------------------------------------------------------------------ other kinds of groups

@@ -79,9 +79,10 @@ def c2m3_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec: Symme
     """Match ``n >= 2`` models into a common space by maximising C²M³'s objective (Eq. 4).
 
     By default: a sequential match that certifies permuted copies (see ``init``), otherwise C²M³'s
-    Frank-Wolfe (Algorithm 1), then block-coordinate refinement of the rounded permutations to a
-    fixed point.  ``paper=True`` runs the paper's Algorithm 1 alone (Frank-Wolfe
-    from identity matrices, then rounding), for reproduction.
+    Frank-Wolfe (Algorithm 1) and its rounding or the sequential match, whichever scores higher,
+    then block-coordinate refinement of those permutations to a fixed point.  ``paper=True`` runs
+    the paper's Algorithm 1 alone (Frank-Wolfe from identity matrices, then rounding), for
+    reproduction.
 
     Why the paper's algorithm alone is not the default: Eq. 4 does not change when every model's
     matrices are multiplied by one permutation of the universe (``P^p -> P^p R``), so each optimum
@@ -109,20 +110,24 @@ def c2m3_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec: Symme
         Where Frank-Wolfe starts.  ``"auto"`` (default): first a *sequential match* — model 0 fixes
         the universe's labelling, models ``1, 2, ...`` in turn are block-coordinate matched (each
         group re-solved by one LAP against the sum of the models already placed, in passes over the
-        groups in the spec's order until one changes nothing) and added to that sum.  If every
-        model then coincides with the placed ones in the universe, Eq. 4 equals its Cauchy-Schwarz
-        bound ``sum_{p<q} ||U_p|| ||U_q||`` (norms do not depend on the permutations): a certified
-        global optimum, returned as it is (permuted copies of one model end here; see
-        ``confirm``).  At the first model that does not, it gives up (having matched that one
-        model, as one Git Re-Basin pair costs) and Frank-Wolfe starts from identity matrices as in
-        the paper.  The spec's group order runs from the input side (zoo models, traced specs): a
-        permuted copy's first group is then fixed by its unpermuted inputs and each pass carries
-        that through the network; in random orders a deep chain needs up to a pass per layer.
-        ``"identity"``: the paper's start, always.  ``"sequential"``: the full sequential match
-        (all models) as Frank-Wolfe's start; Frank-Wolfe rarely leaves such a vertex, and on
-        independently trained MLPs this ends lower than the identity start; the rounded
-        Frank-Wolfe result replaces the start only if it scores at least as high.  The starts are
-        not in the paper.
+        groups in the spec's order until one changes nothing) and added to that sum; it costs about
+        what Git Re-Basin's matching of every model to model 0 costs.  If every model then coincides
+        with the placed ones in the universe, Eq. 4 equals its Cauchy-Schwarz bound
+        ``sum_{p<q} ||U_p|| ||U_q||`` (norms do not depend on the permutations): a certified global
+        optimum, returned as it is (permuted copies of one model end here; see ``confirm``).
+        Otherwise Frank-Wolfe starts from identity matrices, as in the paper, and its rounding is
+        kept only if it scores at least as high as the sequential match (which is kept otherwise,
+        and refined).  Neither search dominates: on trained networks Frank-Wolfe's rounding scores
+        higher; on weakly aligned ones, such as random initialisations, the sequential match does,
+        and there the paper's algorithm ends well below it (BENCHMARKS.md (a) has the figures).  The spec's group order runs from the input side (zoo models, traced
+        specs): a permuted copy's first group is then fixed by its unpermuted inputs and each pass
+        carries that through the network; in random orders a deep chain needs up to a pass per
+        layer.  With ``max_iter=0`` the sequential match is refined without Frank-Wolfe: on weakly
+        aligned models the faster and the better choice.  ``"identity"``: the paper's start, always.
+        ``"sequential"``: the sequential match as Frank-Wolfe's start; a refinement fixed point is
+        a fixed point of Frank-Wolfe too (every block's oracle returns its own permutation), so
+        Frank-Wolfe rarely leaves such a vertex; the rounded Frank-Wolfe result replaces the start
+        only if it scores at least as high.  The starts are not in the paper.
     refine:
         After rounding, block-coordinate ascent: sweeps visit the models in random order
         (``seed``) and, for each, every permutation group once, re-solving that group's LAP
@@ -154,11 +159,11 @@ def c2m3_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec: Symme
         ``True``: the paper's algorithm, i.e. ``init="identity", refine=0``, classic steps; giving
         another ``init``, ``refine`` or ``frank_wolfe`` with it is an error.
     callback:
-        Called after every model the start places (phase ``"start"``; only once it coincides with
-        the placed ones for ``"auto"``), every Frank-Wolfe iteration (phase ``"frank-wolfe"``, with
-        ``objective`` and ``step``) and every refinement sweep (phase ``"refinement"``, with
-        ``changed`` and ``objective``, the gains of its accepted steps as read off their float32 cost
-        matrices added to the rounded objective); see :mod:`fedmerge.progress`.
+        Called after every model the start places (phase ``"start"``), every Frank-Wolfe
+        iteration (phase ``"frank-wolfe"``, with ``objective`` and ``step``) and every refinement
+        sweep (phase ``"refinement"``, with ``changed`` and ``objective``, the gains of its accepted
+        steps as read off their float32 cost matrices added to the rounded objective); see
+        :mod:`fedmerge.progress`.
 
     Frank-Wolfe runs over permutation matrices (the Birkhoff polytope), so groups of another
     kind (signed-permutation, orthogonal) are aligned by permutations only — a subgroup of every
@@ -223,23 +228,19 @@ def c2m3_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec: Symme
     # ---- start
     start = {g: eye_idx[g].clone() for g in groups}
     certified = False
+    sequential = None  # "auto" on models that are not copies: the sequential match, to beat by Frank-Wolfe's rounding
     if init in ("auto", "sequential"):
-        # models 1, 2, ... matched in turn to the sum of those already placed (model 0 fixes the labelling);
-        # "auto" gives up as soon as a model does not coincide with the placed ones (Cauchy-Schwarz bound)
+        # models 1, 2, ... matched in turn to the sum of those already placed (model 0 fixes the labelling)
         placer = BlockAscent(stack, start, active=torch.arange(n) == 0)
         certified = init == "auto"
         for p in range(1, n):
             # the spec's order, input side first: a copy's first group is fixed by its unpermuted inputs and
             # each pass carries that forward (random orders need up to a pass per layer on deep chains)
             placer.match_model(p, list(groups), max_sweeps=_START_SWEEPS)
-            if init == "auto":
+            if certified:  # still a copy of the placed ones? (the Cauchy-Schwarz bound; once not, never again)
                 share, bound = placer.alignment_with_active(p)
-                if not share >= (1.0 - _CERTIFICATE_RTOL) * bound:
-                    certified = False
-                    break
+                certified = share >= (1.0 - _CERTIFICATE_RTOL) * bound
             placer.activate(p)
-            # reported once a model is placed (phase "start"): on independent models "auto" gives up
-            # before, and the first report is Frank-Wolfe's first iteration
             if report(callback, method="c2m3", phase="start", nit=p, max_iter=n - 1):
                 stopped, certified, start = True, False, placer.perms
                 break
@@ -247,16 +248,22 @@ def c2m3_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec: Symme
         if init == "sequential" or certified:
             start = placer.perms
             messages.append(f"sequential start ({laps} LAPs)")
+        elif not stopped:
+            sequential = placer.perms
         # its universe images, sums and cost matrices (≈ 2 more copies of the models) are not needed from here
         del placer
     start_objective = pair_objective(stack, start) if init == "sequential" or certified else None
+    sequential_objective = None if sequential is None else pair_objective(stack, sequential)
     if certified:
         messages.append("every model coincides with model 0 in the universe: Eq. 4 equals its Cauchy-Schwarz "
                         "bound sum_{p<q} ||U_p|| ||U_q||, a global optimum (permuted copies)")
         # nothing can improve a global optimum: no refinement, and Frank-Wolfe only to confirm it (step size 0)
         max_iter, sweeps_cap = (min(max_iter, 1) if confirm else 0), 0
-    elif init == "auto":
-        messages.append(f"no sequential match ({laps} LAPs): Frank-Wolfe from identity matrices")
+    elif sequential is not None:
+        messages.append(f"sequential match ({laps} LAPs, objective {sequential_objective:.6g}; not copies): "
+                        + ("Frank-Wolfe from identity matrices" if max_iter > 0 else "kept (max_iter=0)"))
+        if max_iter == 0:
+            start = sequential
 
     # ---- Frank-Wolfe (Algorithm 1) from the start
     history: list[float] = []
@@ -280,6 +287,14 @@ def c2m3_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec: Symme
         if (init == "sequential" or certified) and pair_objective(stack, hard) < start_objective:
             hard = start
             fw_message += " (its rounding scored below the start, which is kept)"
+        elif sequential is not None:
+            rounded_objective = pair_objective(stack, hard)
+            if rounded_objective < sequential_objective:
+                hard = sequential
+                fw_message += (f"; its rounding ({rounded_objective:.6g}) scored below the sequential match, "
+                               "which is kept")
+            else:
+                fw_message += f"; its rounding ({rounded_objective:.6g}) is kept"
         messages.append(f"Frank-Wolfe: {fw_message}")
     converged = fw_converged or certified
 
@@ -322,7 +337,8 @@ def c2m3_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec: Symme
                     f"'mergemany' and 'git-rebasin' search each group's own kind)")
     return {
         "transforms": perms,
-        "objective": start_objective if hard is start and start_objective is not None else pair_objective(stack, hard),
+        "objective": (start_objective if hard is start and start_objective is not None else
+                      sequential_objective if hard is sequential else pair_objective(stack, hard)),
         "nit": nit,
         "converged": converged,
         "message": message,
