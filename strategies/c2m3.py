@@ -39,8 +39,9 @@ class C2M3(MergingStrategy):
         alignments (``tests/test_c2m3_default.py``).
     init:
         Frank-Wolfe's start, as in :func:`fedmerge.matching.c2m3.c2m3_matching` (default
-        ``"auto"``: permuted copies are recognised and matched exactly, other models start from
-        identity matrices).
+        ``"auto"``: permuted copies are recognised and matched exactly; on other models
+        Frank-Wolfe starts from identity matrices, and the sequential match that recognised no
+        copies is refined and kept instead where it scores higher than the refined rounding).
     spec, model, device, **fedavg_kwargs:
         As :class:`~strategies.merging_strategy.MergingStrategy`.
     """

@@ -79,8 +79,8 @@ def c2m3_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec: Symme
     """Match ``n >= 2`` models into a common space by maximising C²M³'s objective (Eq. 4).
 
     By default: a sequential match that certifies permuted copies (see ``init``), otherwise C²M³'s
-    Frank-Wolfe (Algorithm 1) and its rounding or the sequential match, whichever scores higher,
-    then block-coordinate refinement of those permutations to a fixed point.  ``paper=True`` runs
+    Frank-Wolfe (Algorithm 1), block-coordinate refinement of its rounding to a fixed point, and
+    the sequential match refined instead where it scores higher.  ``paper=True`` runs
     the paper's Algorithm 1 alone (Frank-Wolfe from identity matrices, then rounding), for
     reproduction.
 
@@ -115,11 +115,14 @@ def c2m3_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec: Symme
         with the placed ones in the universe, Eq. 4 equals its Cauchy-Schwarz bound
         ``sum_{p<q} ||U_p|| ||U_q||`` (norms do not depend on the permutations): a certified global
         optimum, returned as it is (permuted copies of one model end here; see ``confirm``).
-        Otherwise Frank-Wolfe starts from identity matrices, as in the paper, and its rounding is
-        kept only if it scores at least as high as the sequential match (which is kept otherwise,
-        and refined).  Neither search dominates: on trained networks Frank-Wolfe's rounding scores
-        higher; on weakly aligned ones, such as random initialisations, the sequential match does,
-        and there the paper's algorithm ends well below it (BENCHMARKS.md (a) has the figures).  The spec's group order runs from the input side (zoo models, traced
+        Otherwise Frank-Wolfe starts from identity matrices, as in the paper; its rounding is
+        refined first (far from a fixed point, it gains the most by refinement), and if the
+        sequential match still scores higher, the sequential match is refined and returned instead
+        (without refinement, the higher of the rounding and the sequential match is returned).
+        Neither search dominates: on trained networks Frank-Wolfe's rounding scores higher; on
+        weakly aligned ones, such as random initialisations of wide layers, the sequential match
+        does, and there the paper's algorithm ends well below it (BENCHMARKS.md (a) has the
+        figures).  The spec's group order runs from the input side (zoo models, traced
         specs): a permuted copy's first group is then fixed by its unpermuted inputs and each pass
         carries that through the network; in random orders a deep chain needs up to a pass per
         layer.  With ``max_iter=0`` the sequential match is refined without Frank-Wolfe: on weakly
@@ -287,7 +290,7 @@ def c2m3_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec: Symme
         if (init == "sequential" or certified) and pair_objective(stack, hard) < start_objective:
             hard = start
             fw_message += " (its rounding scored below the start, which is kept)"
-        elif sequential is not None:
+        elif sequential is not None and not sweeps_cap:  # with refinement: compared once the rounding is refined
             rounded_objective = pair_objective(stack, hard)
             if rounded_objective < sequential_objective:
                 hard = sequential
@@ -301,33 +304,27 @@ def c2m3_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec: Symme
     # ---- block-coordinate refinement
     sweeps = 0
     if sweeps_cap and not stopped:
-        ascent = BlockAscent(stack, hard)
-        # the sweeps' objective (rounded objective + the accepted gains), where something reads it
-        base = pair_objective(stack, hard) if callback is not None or refine_tol > 0 else None
-        converged = False
-        order = free.cpu().numpy()
-        slow = False
-        for sweeps in range(1, sweeps_cap + 1):
-            changed, before = 0, ascent.gain
-            for p in rng.permutation(order):
-                changed += sum(ascent.step(int(p), groups[i]) for i in rng.permutation(len(groups)))
-            stop = report(callback, method="c2m3", phase="refinement", nit=sweeps, max_iter=sweeps_cap,
-                          changed=changed, objective=None if base is None else base + ascent.gain)
-            if changed == 0:
-                converged = True
-                break
-            if stop:
-                stopped = True
-                break
-            if refine_tol > 0 and ascent.gain - before <= refine_tol * abs(base + ascent.gain):
-                slow = True
-                break
-        laps += ascent.laps
-        hard = ascent.perms
-        what = ("a whole sweep changed nothing" if converged else STOPPED if stopped else
-                f"a sweep raised the objective by less than refine_tol={refine_tol:g}" if slow else
-                f"reached {sweeps_cap}")
+        refined, sweeps, what, stopped, converged, count = _refine(
+            stack, hard, free, rng, cap=sweeps_cap, tol=refine_tol, callback=callback)
+        laps += count
         messages.append(f"{sweeps} refinement sweep{'' if sweeps == 1 else 's'}: {what}")
+        if sequential is not None and hard is not sequential and not stopped:
+            # Frank-Wolfe's rounding is far from a fixed point and gains much by refinement, the sequential match
+            # little: the two are compared once the rounding is refined, and the sequential match is refined only
+            # where it is still ahead (weakly aligned models)
+            refined_objective = pair_objective(stack, refined)
+            if sequential_objective > refined_objective:
+                messages.append(f"the sequential match ({sequential_objective:.6g}) scored higher than the refined "
+                                f"rounding ({refined_objective:.6g}) and is refined instead")
+                refined, more, what, stopped, converged, count = _refine(
+                    stack, sequential, free, rng, cap=sweeps_cap, tol=refine_tol, callback=callback, offset=sweeps)
+                laps += count
+                sweeps += more
+                messages.append(f"{more} refinement sweep{'' if more == 1 else 's'}: {what}")
+            else:
+                messages.append(f"the refined rounding ({refined_objective:.6g}) scored at least as high as the "
+                                f"sequential match ({sequential_objective:.6g}) and is kept")
+        hard = refined
     message = STOPPED if stopped else "; ".join(messages)
     converged = converged and not stopped
     perms = unstack_permutations(hard)
@@ -346,6 +343,39 @@ def c2m3_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec: Symme
         "sweeps": sweeps,
         "laps": laps,
     }
+
+
+def _refine(stack: Stack, perms: Mapping[str, torch.Tensor], free: torch.Tensor, rng: np.random.Generator, *,
+            cap: int, tol: float, callback: Callback | None, offset: int = 0):
+    """Block-coordinate ascent from ``perms``: sweeps over the free models in random order, each model's groups in
+    random order, one LAP per block against the sum of the others, until a sweep changes nothing, ``cap`` sweeps,
+    a sweep gaining no more than ``tol`` (relative), or the callback stops it.  Sweeps are reported to the callback
+    as ``offset + 1, offset + 2, ...``.  Returns ``(perms, sweeps, why, stopped, converged, laps)``."""
+    groups = stack.groups()
+    ascent = BlockAscent(stack, perms)
+    # the sweeps' objective (starting objective + the accepted gains), where something reads it
+    base = pair_objective(stack, perms) if callback is not None or tol > 0 else None
+    converged = stopped = slow = False
+    order = free.cpu().numpy()
+    sweeps = 0
+    for sweeps in range(1, cap + 1):
+        changed, before = 0, ascent.gain
+        for p in rng.permutation(order):
+            changed += sum(ascent.step(int(p), groups[i]) for i in rng.permutation(len(groups)))
+        stop = report(callback, method="c2m3", phase="refinement", nit=offset + sweeps, max_iter=offset + cap,
+                      changed=changed, objective=None if base is None else base + ascent.gain)
+        if changed == 0:
+            converged = True
+            break
+        if stop:
+            stopped = True
+            break
+        if tol > 0 and ascent.gain - before <= tol * abs(base + ascent.gain):
+            slow = True
+            break
+    why = ("a whole sweep changed nothing" if converged else STOPPED if stopped else
+           f"a sweep raised the objective by less than refine_tol={tol:g}" if slow else f"reached {cap}")
+    return ascent.perms, sweeps, why, stopped, converged, ascent.laps
 
 
 def _frank_wolfe(stack: Stack, soft: dict[str, torch.Tensor], free: torch.Tensor, eye_idx: Mapping[str, torch.Tensor],
