@@ -86,6 +86,14 @@ class _ScoreCache:
         for p in torch.nonzero(mask).flatten().tolist():
             self.pending[p].clear()
 
+    def clear(self) -> None:
+        """Every model's matrix invalid (kept allocated: an ``(n, d, d)`` buffer is not reallocated per use)."""
+        self.valid.zero_()
+        self.moved.zero_()
+        self.updates.zero_()
+        for owed in self.pending:
+            owed.clear()
+
 
 def _inverse(perm: torch.Tensor) -> torch.Tensor:
     """Row-wise inverse permutations of ``(m, d)``."""
@@ -402,7 +410,8 @@ class BlockAscent:
                 self.total[k] += self.u[k][p].double()
                 self.total32[k] = self.total[k].float()
                 self.versions[k] += 1
-            self._scores.clear()  # every other model's target changed
+            for cache in self._scores.values():  # every other model's target changed
+                cache.clear()
 
     def alignment_with_active(self, p: int) -> tuple[float, float]:
         """``(<U_p, T>, sum_key ||U_p|| ||T_key||-style bound)`` against the active models other than ``p``.
