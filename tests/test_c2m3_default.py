@@ -15,7 +15,6 @@ import torch
 import fedmerge
 from fedmerge import apply_permutation, random_permutation
 from fedmerge.models import MLP, build_model
-from fedmerge.matching import c2m3
 
 # Every zoo architecture (fedmerge.models.MODELS), at sizes that keep the file fast.
 ZOO = {

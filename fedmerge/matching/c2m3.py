@@ -127,10 +127,10 @@ def c2m3_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec: Symme
         carries that through the network; in random orders a deep chain needs up to a pass per
         layer.  With ``max_iter=0`` the sequential match is refined without Frank-Wolfe: on weakly
         aligned models the faster and the better choice.  ``"identity"``: the paper's start, always.
-        ``"sequential"``: the sequential match as Frank-Wolfe's start; a refinement fixed point is
-        a fixed point of Frank-Wolfe too (every block's oracle returns its own permutation), so
-        Frank-Wolfe rarely leaves such a vertex; the rounded Frank-Wolfe result replaces the start
-        only if it scores at least as high.  The starts are not in the paper.
+        ``"sequential"``: the sequential match as Frank-Wolfe's start, compared with the rounding as
+        under ``"auto"``; the match is near a refinement fixed point, which Frank-Wolfe cannot leave
+        (every block's oracle returns its own permutation there), so Frank-Wolfe rarely moves far
+        from it.  The starts are not in the paper.
     refine:
         After rounding, block-coordinate ascent: sweeps visit the models in random order
         (``seed``) and, for each, every permutation group once, re-solving that group's LAP
@@ -231,7 +231,9 @@ def c2m3_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec: Symme
     # ---- start
     start = {g: eye_idx[g].clone() for g in groups}
     certified = False
-    sequential = None  # "auto" on models that are not copies: the sequential match, to beat by Frank-Wolfe's rounding
+    # what Frank-Wolfe's rounding has to beat (None: nothing): the sequential match, i.e. the start itself for
+    # init="sequential" or a certified start, and for "auto" on models that are not copies the match it ran
+    incumbent = incumbent_objective = None
     if init in ("auto", "sequential"):
         # models 1, 2, ... matched in turn to the sum of those already placed (model 0 fixes the labelling)
         placer = BlockAscent(stack, start, active=torch.arange(n) == 0)
@@ -248,25 +250,23 @@ def c2m3_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec: Symme
                 stopped, certified, start = True, False, placer.perms
                 break
         laps = placer.laps
-        if init == "sequential" or certified:
-            start = placer.perms
-            messages.append(f"sequential start ({laps} LAPs)")
-        elif not stopped:
-            sequential = placer.perms
+        if not stopped:
+            incumbent = placer.perms
+            incumbent_objective = pair_objective(stack, incumbent)
+            if init == "sequential" or certified or max_iter == 0:
+                start = incumbent
         # its universe images, sums and cost matrices (≈ 2 more copies of the models) are not needed from here
         del placer
-    start_objective = pair_objective(stack, start) if init == "sequential" or certified else None
-    sequential_objective = None if sequential is None else pair_objective(stack, sequential)
     if certified:
-        messages.append("every model coincides with model 0 in the universe: Eq. 4 equals its Cauchy-Schwarz "
-                        "bound sum_{p<q} ||U_p|| ||U_q||, a global optimum (permuted copies)")
+        messages.append(f"sequential start ({laps} LAPs); every model coincides with model 0 in the universe: Eq. 4 "
+                        "equals its Cauchy-Schwarz bound sum_{p<q} ||U_p|| ||U_q||, a global optimum (permuted copies)")
         # nothing can improve a global optimum: no refinement, and Frank-Wolfe only to confirm it (step size 0)
         max_iter, sweeps_cap = (min(max_iter, 1) if confirm else 0), 0
-    elif sequential is not None:
-        messages.append(f"sequential match ({laps} LAPs, objective {sequential_objective:.6g}; not copies): "
-                        + ("Frank-Wolfe from identity matrices" if max_iter > 0 else "kept (max_iter=0)"))
-        if max_iter == 0:
-            start = sequential
+    elif incumbent is not None:
+        then = ("kept (max_iter=0)" if max_iter == 0 else "Frank-Wolfe's start" if init == "sequential" else
+                "Frank-Wolfe from identity matrices")
+        copies = "" if init == "sequential" else "; not copies"
+        messages.append(f"sequential match ({laps} LAPs, objective {incumbent_objective:.6g}{copies}): {then}")
 
     # ---- Frank-Wolfe (Algorithm 1) from the start
     history: list[float] = []
@@ -287,13 +287,10 @@ def c2m3_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec: Symme
             idx = eye_idx[g].clone()
             idx[free] = rounded[g]
             hard[g] = idx
-        if (init == "sequential" or certified) and pair_objective(stack, hard) < start_objective:
-            hard = start
-            fw_message += " (its rounding scored below the start, which is kept)"
-        elif sequential is not None and not sweeps_cap:  # with refinement: compared once the rounding is refined
+        if incumbent is not None and not sweeps_cap:  # with refinement: compared once the rounding is refined
             rounded_objective = pair_objective(stack, hard)
-            if rounded_objective < sequential_objective:
-                hard = sequential
+            if rounded_objective < incumbent_objective:
+                hard = incumbent
                 fw_message += (f"; its rounding ({rounded_objective:.6g}) scored below the sequential match, "
                                "which is kept")
             else:
@@ -308,22 +305,22 @@ def c2m3_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec: Symme
             stack, hard, free, rng, cap=sweeps_cap, tol=refine_tol, callback=callback)
         laps += count
         messages.append(f"{sweeps} refinement sweep{'' if sweeps == 1 else 's'}: {what}")
-        if sequential is not None and hard is not sequential and not stopped:
+        if incumbent is not None and hard is not incumbent and not stopped:
             # Frank-Wolfe's rounding is far from a fixed point and gains much by refinement, the sequential match
             # little: the two are compared once the rounding is refined, and the sequential match is refined only
             # where it is still ahead (weakly aligned models)
             refined_objective = pair_objective(stack, refined)
-            if sequential_objective > refined_objective:
-                messages.append(f"the sequential match ({sequential_objective:.6g}) scored higher than the refined "
+            if incumbent_objective > refined_objective:
+                messages.append(f"the sequential match ({incumbent_objective:.6g}) scored higher than the refined "
                                 f"rounding ({refined_objective:.6g}) and is refined instead")
                 refined, more, what, stopped, converged, count = _refine(
-                    stack, sequential, free, rng, cap=sweeps_cap, tol=refine_tol, callback=callback, offset=sweeps)
+                    stack, incumbent, free, rng, cap=sweeps_cap, tol=refine_tol, callback=callback, offset=sweeps)
                 laps += count
                 sweeps += more
                 messages.append(f"{more} refinement sweep{'' if more == 1 else 's'}: {what}")
             else:
                 messages.append(f"the refined rounding ({refined_objective:.6g}) scored at least as high as the "
-                                f"sequential match ({sequential_objective:.6g}) and is kept")
+                                f"sequential match ({incumbent_objective:.6g}) and is kept")
         hard = refined
     message = STOPPED if stopped else "; ".join(messages)
     converged = converged and not stopped
@@ -334,8 +331,7 @@ def c2m3_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec: Symme
                     f"'mergemany' and 'git-rebasin' search each group's own kind)")
     return {
         "transforms": perms,
-        "objective": (start_objective if hard is start and start_objective is not None else
-                      sequential_objective if hard is sequential else pair_objective(stack, hard)),
+        "objective": incumbent_objective if hard is incumbent else pair_objective(stack, hard),
         "nit": nit,
         "converged": converged,
         "message": message,
