@@ -45,6 +45,7 @@ def _check_cache(ascent):
     for g, cache in ascent._scores.items():
         for p in range(ascent.stack.n):
             if cache.valid[p]:
+                ascent._catch_up(p, g)  # what a visit does first: owe the changes logged since the last one
                 checked += bool(cache.pending[p])
                 fresh = _fresh(ascent, p, g)
                 kept = cache.current(p, ascent.stack.weights)
@@ -76,6 +77,25 @@ def test_kept_cost_matrices_equal_fresh_products_after_every_step(name):
     assert accepted > 0 and checked > 0
     # the accepted gains are exact: the objective is the start's plus them
     assert ascent.objective() == pytest.approx(start + ascent.gain, rel=1e-9)
+
+
+@pytest.mark.parametrize("name", ["mlp", "resnet20-bn"])
+def test_changes_logged_by_many_steps_are_applied_together_at_the_visit(name):
+    """Checked only after whole sweeps: each kept matrix then catches up on the changes of many steps of
+    several other models at once (concatenated per tensor), and must still equal a fresh product."""
+    n = 6
+    sds, spec = _models(name, n)
+    stack = Stack.from_state_dicts(sds, spec)
+    ascent = BlockAscent(stack, _random_start(spec, n, 2))
+    rng = np.random.default_rng(1)
+    groups = stack.groups()
+    checked = accepted = 0
+    for _ in range(3):
+        for p in rng.permutation(n):
+            for g in rng.permutation(groups):
+                accepted += ascent.step(int(p), str(g))
+        checked += _check_cache(ascent)
+    assert accepted > n and checked > 0
 
 
 def test_kept_cost_matrices_while_models_are_placed_in_turn():

@@ -2,8 +2,9 @@
 
 One (model, group) block at a time is re-solved by one LAP against the sum of the other models in
 the universe, everything else held fixed; a step is kept only if it raises the objective.  Each
-block's cost matrix is kept between visits, and the changes that other blocks' steps make to it
-are owed as low-rank or column updates until the block is next visited (:class:`_ScoreCache`).
+block's cost matrix is kept between visits: an accepted step logs its change to the universe once,
+and a kept matrix applies the changes logged since it was last brought up to date, as low-rank or
+column updates, when its block is next visited (:class:`_ScoreCache`).
 """
 
 from __future__ import annotations
@@ -33,16 +34,19 @@ _STEP_CHUNK = 1 << 24
 class _ScoreCache:
     """One group's cost matrices for every model, ``(n, d, d)``, and the updates they still owe.
 
-    Updates are kept as factors and applied when the block is next visited, all of them in one
-    product per kind: a block that several steps touch between two visits pays one pass over its
-    weights, not one per step.
+    ``seen[p]``: the last entry of the change log (:meth:`BlockAscent._log_change`) that model
+    ``p``'s matrix reflects; ``moved[p]``: the fraction of its units that the changes since its
+    last full product touch (it is dropped past ``_OWED_UNITS``).  Updates are kept as factors and
+    applied when the block is next visited, all of them in one product per kind: a block that
+    several steps touch between two visits pays one pass over its weights, not one per step.
     """
 
     def __init__(self, n: int, d: int, device):
         self.matrix = torch.zeros(n, d, d, device=device)
         self.valid = torch.zeros(n, dtype=torch.bool)
-        self.moved = torch.zeros(n, dtype=torch.float64)  # fraction of units the pending updates touch
+        self.moved = torch.zeros(n, dtype=torch.float64)  # fraction of units the owed changes touch
         self.updates = torch.zeros(n, dtype=torch.int64)  # visits that applied updates since the last product
+        self.seen = torch.zeros(n, dtype=torch.int64)  # the last change-log entry each matrix reflects
         self.pending: list[list[tuple]] = [[] for _ in range(n)]
 
     def current(self, p: int, weights: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -74,11 +78,12 @@ class _ScoreCache:
         owed.clear()
         return self.matrix[p]
 
-    def reset(self, p: int, score: torch.Tensor) -> None:
+    def reset(self, p: int, score: torch.Tensor, seen: int) -> None:
         self.matrix[p] = score
         self.valid[p] = True
         self.moved[p] = 0.0
         self.updates[p] = 0
+        self.seen[p] = seen
         self.pending[p].clear()
 
     def drop(self, mask: torch.Tensor) -> None:
@@ -153,6 +158,10 @@ class BlockAscent:
         self._clean: dict[tuple[int, str], tuple] = {}  # (model, group) -> versions when last solved unchanged
         self._warm: dict[tuple[int, str], WarmStart] = {}  # (model, group) -> the LAP's state from its last solve
         self._scores: dict[str, _ScoreCache] = {}  # group -> every model's cost matrix, kept between visits
+        # key -> the accepted steps' changes to U[key] not yet reflected by every kept matrix on key, in order:
+        # (entry, model, axis, units, diff); ``_entries`` numbers them
+        self._log: dict[str, list[tuple]] = {k: [] for k in stack.weights}
+        self._entries = 0
 
     def _target(self, key: str, p: int) -> torch.Tensor:
         t = self.total[key]
@@ -166,7 +175,7 @@ class BlockAscent:
         """Re-solve group ``g`` of model ``p``; True if its permutation changed (and the objective rose).
 
         The cost matrix is a float32 product against ``T``, kept between visits and updated on the
-        units that later steps move (:meth:`_propagate`); the LAP is warm-started from the block's
+        units that later steps move (:meth:`_log_change`); the LAP is warm-started from the block's
         last solve.  A new permutation is taken only if its gain, computed exactly (float64) on
         the units it moves, is positive.  A block whose inputs (model ``p``'s other permutations
         on ``g``'s tensors, the other models on them) have not changed since it was last solved
@@ -208,9 +217,10 @@ class BlockAscent:
 
     # ---- cost matrices, kept between visits
     def _score(self, p: int, g: str) -> torch.Tensor:
-        """Block ``(p, g)``'s cost matrix: the cached one, or a new product against ``T``."""
+        """Block ``(p, g)``'s cost matrix: the cached one brought up to date, or a new product against ``T``."""
         cache = self._scores.get(g)
         if cache is not None and cache.valid[p]:
+            self._catch_up(p, g)
             return cache.current(p, self.stack.weights)
         d = self.stack.spec.sizes[g]
         one = {h: q[p:p + 1] for h, q in self.perms.items()}
@@ -221,7 +231,7 @@ class BlockAscent:
             score = s if score is None else score.add_(s)
         if cache is None:
             cache = self._scores[g] = _ScoreCache(self.stack.n, d, score.device)
-        cache.reset(p, score)
+        cache.reset(p, score, self._entries)
         return cache.matrix[p]
 
     def _forget(self, key: str, model: int | None = None) -> None:
@@ -231,82 +241,117 @@ class BlockAscent:
             if cache is not None:
                 cache.drop(torch.ones_like(cache.valid) if model is None else torch.arange(self.stack.n) == model)
 
-    def _propagate(self, q: int, h: str, key: str, b: int, units: torch.Tensor, diff: torch.Tensor) -> None:
-        """Update the cached cost matrices after model ``q``'s ``U[key]`` changed by ``diff`` on slots ``units``.
+    def _owe(self, q: int, h: str, fraction: float) -> None:
+        """Count a step of model ``q`` on group ``h`` moving ``fraction`` of its units against the kept matrices.
+
+        It changes the target of every other model (when ``q`` is active) on the tensors of ``h``, and
+        model ``q``'s own weights mapped on ``h``'s axes: every such kept matrix owes an update touching
+        that fraction of the units.  A matrix whose owed updates would touch more than ``_OWED_UNITS`` of
+        its units, or that has applied updates at ``_MAX_UPDATES`` visits since its last full product
+        (their float32 rounding adds up), is dropped instead and computed afresh when next visited.
+        """
+        touched = {g for key in dict.fromkeys(k for k, _ in self.places[h]) for _, g in self.stack.axes[key]}
+        for g in touched:
+            cache = self._scores.get(g)
+            if cache is None:
+                continue
+            if self.active[q]:
+                take = cache.valid.clone()
+                if g == h:  # q's own block on h does not change: its weights are mapped on every other axis
+                    take[q] = False
+            else:
+                take = torch.zeros_like(cache.valid)
+                take[q] = g != h and bool(cache.valid[q])
+            if not bool(take.any()):
+                continue
+            cache.moved[take] += fraction
+            cache.drop(take & ((cache.moved > _OWED_UNITS) | (cache.updates >= _MAX_UPDATES)))
+
+    def _log_change(self, q: int, h: str, key: str, b: int, units: torch.Tensor, diff: torch.Tensor) -> None:
+        """Record that model ``q``'s ``U[key]`` changed by ``diff`` on slots ``units`` (axis ``b``, group ``h``).
 
         ``diff`` (``(1, ...)``, ``key``'s shape with axis ``b`` restricted to ``units``) is in universe
-        coordinates on every axis.  For another model ``p`` the target ``T_p`` changed by ``diff``:
-        its blocks on ``h`` change in the columns ``units`` (model ``p``'s raw weights against
-        ``diff`` mapped back to ``p``'s units on the other axes), its blocks on the other groups of
-        ``key`` by a product restricted to those slots.  For ``q`` itself ``T_q`` did not change, but
-        its weights mapped on axis ``b`` did: its blocks on the other groups change by ``diff``
-        against ``T_q`` on those slots.  The updates are owed until the block's next visit; a block
-        whose owed updates touch more than ``_OWED_UNITS`` of its units, or that has applied updates at
-        ``_MAX_UPDATES`` visits since its last full product (their float32 rounding adds up), is
-        dropped instead and computed afresh when next visited.
+        coordinates on every axis.  For another model ``p`` the target ``T_p`` changed by ``diff``; that
+        change is logged once, for the kept matrices of every other model to apply at their next visit
+        (:meth:`_catch_up`): a step computes nothing per other model, and a matrix that is dropped before
+        its visit costs nothing (updating every kept matrix at each step made a sweep O(n²) in the models).  For ``q`` itself ``T_q`` did not change, but its weights mapped on axis
+        ``b`` did: its blocks on the other groups of ``key`` owe ``diff`` against ``T_q`` on those slots,
+        computed now (``T_q`` changes later).
         """
         stack = self.stack
-        n, sizes = stack.n, stack.spec.sizes
-        dh, m = sizes[h], units.numel()
-        fraction = m / dh
-        weights = stack.weights[key]
+        dh = stack.spec.sizes[h]
+        if self.active[q] and any(c is not None and bool((c.valid & (torch.arange(stack.n) != q)).any())
+                                  for c in (self._scores.get(g) for _, g in stack.axes[key])):
+            self._entries += 1
+            self._log[key].append((self._entries, q, b, units, diff))
+            self._trim(key)
         for a, g in stack.axes[key]:
             cache = self._scores.get(g)
-            if cache is None or not bool(cache.valid.any()):
+            if g == h or cache is None or not cache.valid[q]:
                 continue
-            d = sizes[g]
-            if g == h:  # (only one axis of key carries h: the two-axis case takes _full_step)
-                others = cache.valid.clone()
-                others[q] = False
-                if not self.active[q]:
-                    continue
-                models = self._updatable(cache, others, fraction)
-                if models.numel() == 0:
-                    continue
-                # model p's raw weights against diff with p's own units on every other axis
-                back = diff.expand(models.numel(), *diff.shape[1:])
-                for c, k in stack.axes[key]:
-                    if c != b:
-                        back = contract_hard(back, c, _inverse(self.perms[k][models]))
-                bv = split_axis(back, b, m)  # (M, A, |units|, B)
-                for i, p in enumerate(models.tolist()):  # one product per entry at the next visit
-                    cache.pending[p].append(("columns", key, b, dh, units, bv[i]))
-                continue
-            # g is another group of key, on axis a
-            others = cache.valid.clone()
-            others[q] = False
+            d = stack.spec.sizes[g]
+            # q's weights mapped on b changed by diff; back to q's raw units along a
+            change = contract_hard(diff, a, _inverse(self.perms[g][q:q + 1]))
+            slots = units.unsqueeze(0)  # T_q on these slots only: no full-size target tensor
+            target = _select_units(self.total32[key].unsqueeze(0), b, dh, slots)
             if self.active[q]:
-                models = self._updatable(cache, others, fraction)
-                if models.numel():
-                    # model p's weights on its units perm_h[p][units] along b, mapped on the axes but a and b
-                    sub = _select_units(weights, b, dh, self.perms[h][:, units])[models]  # gathers, then the few
+                target = target - _select_units(self.u[key][q:q + 1], b, dh, slots)
+            cache.pending[q].append(("rank", matricize(change, a, d)[0][0], matricize(target, a, d)[0][0]))
+
+    def _trim(self, key: str) -> None:
+        """Forget the logged changes of ``key`` that every kept matrix on ``key`` already reflects."""
+        log = self._log[key]
+        oldest = self._entries
+        for _, g in self.stack.axes[key]:
+            cache = self._scores.get(g)
+            if cache is not None and bool(cache.valid.any()):
+                oldest = min(oldest, int(cache.seen[cache.valid].min()))
+        first = 0
+        while first < len(log) and log[first][0] <= oldest:
+            first += 1
+        del log[:first]
+
+    def _catch_up(self, p: int, g: str) -> None:
+        """Owe model ``p``'s kept matrix of ``g`` the changes other models' steps logged since it was last updated.
+
+        Sound because model ``p``'s permutations are those of when the changes were logged: every kept
+        matrix of ``p`` that a step of ``p`` changes is caught up before that step (:meth:`_moved_step`).
+        On ``g``'s own slots a change moves the columns ``units``: model ``p``'s raw weights against the
+        change mapped back to ``p``'s units on the other axes; on a tensor where ``g`` is another axis it
+        is a low-rank update, ``p``'s weights on the changed slots against the change.  The changes of one
+        tensor and axis are concatenated: one product each.
+        """
+        cache = self._scores[g]
+        seen = int(cache.seen[p])
+        cache.seen[p] = self._entries
+        if seen == self._entries:
+            return
+        stack, d = self.stack, self.stack.spec.sizes[g]
+        for key, a in self.places[g]:
+            by_axis: dict[int, list] = {}
+            for entry, q, b, units, diff in reversed(self._log[key]):
+                if entry <= seen:
+                    break
+                if q != p:
+                    by_axis.setdefault(b, []).append((units, diff))
+            weights = stack.weights[key][p:p + 1]
+            for b, parts in by_axis.items():
+                units = torch.cat([u for u, _ in parts])
+                diff = torch.cat([x for _, x in parts], dim=b + 1)
+                h = next(k for c, k in stack.axes[key] if c == b)
+                dh = stack.spec.sizes[h]
+                if b == a:  # g's own slots: model p's raw weights against diff with p's own units on every other axis
+                    back = diff
+                    for c, k in stack.axes[key]:
+                        if c != b:
+                            back = contract_hard(back, c, _inverse(self.perms[k][p:p + 1]))
+                    cache.pending[p].append(("columns", key, b, dh, units, split_axis(back, b, units.numel())[0]))
+                else:  # model p's weights on its units perm_h[p][units] along b, mapped on the axes but a and b
+                    sub = _select_units(weights, b, dh, self.perms[h][p:p + 1, units])
                     for c, k in stack.axes[key]:
                         if c not in (a, b):
-                            sub = contract_hard(sub, c, self.perms[k][models])
-                    left = matricize(sub, a, d)[0]
-                    right = matricize(diff, a, d)[0][0]
-                    for i, p in enumerate(models.tolist()):
-                        cache.pending[p].append(("rank", left[i], right))
-            if cache.valid[q]:
-                mine = self._updatable(cache, torch.arange(n) == q, fraction)
-                if mine.numel():
-                    # q's weights mapped on b changed by diff; back to q's raw units along a
-                    change = contract_hard(diff, a, _inverse(self.perms[g][q:q + 1]))
-                    slots = units.unsqueeze(0)  # T_q on these slots only: no full-size target tensor
-                    target = _select_units(self.total32[key].unsqueeze(0), b, dh, slots)
-                    if self.active[q]:
-                        target = target - _select_units(self.u[key][q:q + 1], b, dh, slots)
-                    cache.pending[q].append(("rank", matricize(change, a, d)[0][0], matricize(target, a, d)[0][0]))
-
-    @staticmethod
-    def _updatable(cache: "_ScoreCache", models: torch.Tensor, fraction: float) -> torch.Tensor:
-        """Models among ``models`` whose cached matrix takes one more update (the others are dropped)."""
-        take = models & cache.valid
-        drop = take & ((cache.moved + fraction > _OWED_UNITS) | (cache.updates >= _MAX_UPDATES))
-        cache.drop(drop)
-        take &= ~drop
-        cache.moved[take] += fraction
-        return torch.nonzero(take).flatten()
+                            sub = contract_hard(sub, c, self.perms[k][p:p + 1])
+                    cache.pending[p].append(("rank", matricize(sub, a, d)[0][0], matricize(diff, a, d)[0][0]))
 
     def _moved_step(self, p: int, g: str, new: torch.Tensor, old: torch.Tensor, scale: float) -> bool:
         """Take ``new`` for block ``(p, g)`` if it raises the objective: the exact gain on the moved units.
@@ -330,6 +375,12 @@ class BlockAscent:
         if not gain > 1e-12 * max(scale, 1e-300):
             return False
         self.gain += gain
+        for key in dict.fromkeys(k for k, _ in self.places[g]):  # p's matrices the step changes reflect the log
+            for _, h in self.stack.axes[key]:
+                cache = self._scores.get(h)
+                if h != g and cache is not None and cache.valid[p]:
+                    self._catch_up(p, h)
+        self._owe(p, g, units.numel() / d)
         self.perms[g][p] = new
         for key, a, chunk, fresh, exact in changes:  # U_p, the float64 sum and its float32 copy, on the moved slots
             if fresh is None:
@@ -342,7 +393,7 @@ class BlockAscent:
                 total[:, :, chunk] = rows
                 split_axis(self.total32[key].unsqueeze(0), a, d)[:, :, chunk] = rows.float()
                 del rows
-            self._propagate(p, g, key, a, chunk, exact.float())
+            self._log_change(p, g, key, a, chunk, exact.float())
         return True
 
     def _change(self, p: int, key: str, a: int, d: int, slots: torch.Tensor, new: torch.Tensor, old: torch.Tensor,
@@ -412,6 +463,8 @@ class BlockAscent:
                 self.versions[k] += 1
             for cache in self._scores.values():  # every other model's target changed
                 cache.clear()
+            for log in self._log.values():
+                log.clear()
 
     def alignment_with_active(self, p: int) -> tuple[float, float]:
         """``(<U_p, T>, sum_key ||U_p|| ||T_key||-style bound)`` against the active models other than ``p``.
