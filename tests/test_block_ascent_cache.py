@@ -59,6 +59,22 @@ def _random_start(spec, n, seed):
     return {g: torch.stack([torch.randperm(d, generator=gen) for _ in range(n)]) for g, d in spec.sizes.items()}
 
 
+def _sweeps(ascent, rng, sweeps, *, check_every_step):
+    """Sweeps over the models in random order, each model's groups in random order; the kept matrices are
+    checked after every step, or only after each sweep.  Returns ``(accepted steps, checks)``."""
+    groups = ascent.stack.groups()
+    checked = accepted = 0
+    for _ in range(sweeps):
+        for p in rng.permutation(ascent.stack.n):
+            for g in rng.permutation(groups):
+                accepted += ascent.step(int(p), str(g))
+                if check_every_step:
+                    checked += _check_cache(ascent)
+        if not check_every_step:
+            checked += _check_cache(ascent)
+    return accepted, checked
+
+
 @pytest.mark.parametrize("name", list(MAKERS))
 def test_kept_cost_matrices_equal_fresh_products_after_every_step(name):
     n = 4
@@ -66,14 +82,7 @@ def test_kept_cost_matrices_equal_fresh_products_after_every_step(name):
     stack = Stack.from_state_dicts(sds, spec)
     ascent = BlockAscent(stack, _random_start(spec, n, 0))
     start = ascent.objective()
-    rng = np.random.default_rng(0)
-    groups = stack.groups()
-    checked = accepted = 0
-    for _ in range(3):
-        for p in rng.permutation(n):
-            for g in rng.permutation(groups):
-                accepted += ascent.step(int(p), str(g))
-                checked += _check_cache(ascent)
+    accepted, checked = _sweeps(ascent, np.random.default_rng(0), 3, check_every_step=True)
     assert accepted > 0 and checked > 0
     # the accepted gains are exact: the objective is the start's plus them
     assert ascent.objective() == pytest.approx(start + ascent.gain, rel=1e-9)
@@ -87,14 +96,7 @@ def test_changes_logged_by_many_steps_are_applied_together_at_the_visit(name):
     sds, spec = _models(name, n)
     stack = Stack.from_state_dicts(sds, spec)
     ascent = BlockAscent(stack, _random_start(spec, n, 2))
-    rng = np.random.default_rng(1)
-    groups = stack.groups()
-    checked = accepted = 0
-    for _ in range(3):
-        for p in rng.permutation(n):
-            for g in rng.permutation(groups):
-                accepted += ascent.step(int(p), str(g))
-        checked += _check_cache(ascent)
+    accepted, checked = _sweeps(ascent, np.random.default_rng(1), 3, check_every_step=False)
     assert accepted > n and checked > 0
 
 

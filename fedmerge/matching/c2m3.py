@@ -419,7 +419,7 @@ def _frank_wolfe(stack: Stack, soft: dict[str, torch.Tensor], free: torch.Tensor
                 cache = _partial_maps(stack, key, axes, apply)
             u = cache[frozenset(b for b, _ in axes)]
             total = u.sum(0, keepdim=True)
-            size = max(1, min(n, _CHUNK // max(u[0].numel(), 1)))
+            size = max(1, min(n, _chunk(dev) // max(u[0].numel(), 1)))
             for lo in range(0, n, size):  # the sum of the other models, a chunk of models at a time
                 hi = min(n, lo + size)
                 others = total - u[lo:hi]
@@ -521,7 +521,7 @@ def _advance(stack: Stack, key: str, axes, cache: dict, vertex: Mapping[str, tor
     w = stack.weights[key]
     n, numel = stack.n, w[0].numel()
     t = float(step)
-    size = max(1, min(n, _CHUNK // max(numel * 2, 1)))
+    size = max(1, min(n, _chunk(stack.device) // max(numel * 2, 1)))
     for lo in range(0, n, size):
         sl = slice(lo, min(n, lo + size))
         wc = w[sl]
@@ -584,9 +584,9 @@ def _step_polynomial(stack: Stack, key: str, axes, cache: Mapping[frozenset, tor
     k = len(all_axes)
     n = stack.n
     numel = stack.weights[key][0].numel()
-    # models in chunks of about _CHUNK entries (all at once beyond two axes): the (k+1) coefficient
+    # models in chunks of about _chunk() entries (all at once beyond two axes): the (k+1) coefficient
     # tensors of a chunk are what is held at once, not (k+1) more copies of all n models
-    size = n if k > 2 else max(1, min(n, _CHUNK // max(numel * (k + 1), 1)))
+    size = n if k > 2 else max(1, min(n, _chunk(stack.device) // max(numel * (k + 1), 1)))
     per_model = torch.zeros(k + 1, k + 1, dtype=torch.float64, device=stack.device)
     summed = torch.zeros(k + 1, numel, device=stack.device)
     for lo in range(0, n, size):
@@ -607,8 +607,16 @@ def _step_polynomial(stack: Stack, key: str, axes, cache: Mapping[frozenset, tor
     return poly
 
 
-#: Entries per chunk of models in the line search's coefficient tensors.
-_CHUNK = 1 << 26
+#: Entries per chunk of models in the gradient, the line search and the step's updates.  On a CPU, small enough
+#: that a chunk's few float32 arrays (4 MiB each) stay in the last-level cache while they are read several
+#: times: with chunks of all models, the cost per model of an iteration jumped once the n models of one layer
+#: outgrew that cache.  On an accelerator, large: fewer kernel launches.
+_CHUNK_CPU = 1 << 20
+_CHUNK_ACCELERATOR = 1 << 26
+
+
+def _chunk(device) -> int:
+    return _CHUNK_CPU if torch.device(device).type == "cpu" else _CHUNK_ACCELERATOR
 
 
 def _partial_map(stack: Stack, key: str, all_axes, subset, group_of, cache, apply, lo: int, hi: int) -> torch.Tensor:
