@@ -150,6 +150,9 @@ class BlockAscent:
         for key, axes in stack.axes.items():
             for a, g in axes:
                 self.places[g].append((key, a))
+        # group -> the groups whose cost matrices a step on it changes: every group on its tensors
+        self.touched = {g: list(dict.fromkeys(h for key, _ in places for _, h in stack.axes[key]))
+                        for g, places in self.places.items()}
         self.total32 = {k: t.float() for k, t in self.total.items()}  # what the cost-matrix products use
         self.laps = 0
         self.gain = 0.0  # objective gained by the accepted steps (each read off its cost matrix, or exact)
@@ -250,8 +253,7 @@ class BlockAscent:
         its units, or that has applied updates at ``_MAX_UPDATES`` visits since its last full product
         (their float32 rounding adds up), is dropped instead and computed afresh when next visited.
         """
-        touched = {g for key in dict.fromkeys(k for k, _ in self.places[h]) for _, g in self.stack.axes[key]}
-        for g in touched:
+        for g in self.touched[h]:
             cache = self._scores.get(g)
             if cache is None:
                 continue
@@ -273,14 +275,14 @@ class BlockAscent:
         ``diff`` (``(1, ...)``, ``key``'s shape with axis ``b`` restricted to ``units``) is in universe
         coordinates on every axis.  For another model ``p`` the target ``T_p`` changed by ``diff``; that
         change is logged once, for the kept matrices of every other model to apply at their next visit
-        (:meth:`_catch_up`): a step computes nothing per other model, and a matrix that is dropped before
-        its visit costs nothing (updating every kept matrix at each step made a sweep O(n²) in the models).  For ``q`` itself ``T_q`` did not change, but its weights mapped on axis
-        ``b`` did: its blocks on the other groups of ``key`` owe ``diff`` against ``T_q`` on those slots,
+        (:meth:`_catch_up`): a step computes nothing per other model (a sweep stays O(n) in the models),
+        and a matrix that is dropped before its visit costs nothing.  For ``q`` itself ``T_q`` did not
+        change, but its weights mapped on axis ``b`` did: its blocks on the other groups of ``key`` owe ``diff`` against ``T_q`` on those slots,
         computed now (``T_q`` changes later).
         """
         stack = self.stack
         dh = stack.spec.sizes[h]
-        if self.active[q] and any(c is not None and bool((c.valid & (torch.arange(stack.n) != q)).any())
+        if self.active[q] and any(c is not None and int(c.valid.sum()) > int(c.valid[q])  # another model's is kept
                                   for c in (self._scores.get(g) for _, g in stack.axes[key])):
             self._entries += 1
             self._log[key].append((self._entries, q, b, units, diff))
@@ -375,11 +377,10 @@ class BlockAscent:
         if not gain > 1e-12 * max(scale, 1e-300):
             return False
         self.gain += gain
-        for key in dict.fromkeys(k for k, _ in self.places[g]):  # p's matrices the step changes reflect the log
-            for _, h in self.stack.axes[key]:
-                cache = self._scores.get(h)
-                if h != g and cache is not None and cache.valid[p]:
-                    self._catch_up(p, h)
+        for h in self.touched[g]:  # p's matrices that the step changes first reflect the log
+            cache = self._scores.get(h)
+            if h != g and cache is not None and cache.valid[p]:
+                self._catch_up(p, h)
         self._owe(p, g, units.numel() / d)
         self.perms[g][p] = new
         for key, a, chunk, fresh, exact in changes:  # U_p, the float64 sum and its float32 copy, on the moved slots
