@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from fedmerge.data import load_dataset
 from fedmerge.models import MLP
 from fedmerge.training import train
+
+
+# Under pytest-xdist (the README's `-n auto`) the workers share the cores: each worker's torch gets its share of them.
+# With torch's default of one thread per core, a worker's parallel kernels wait for threads that another worker's
+# Ray actors have descheduled (the reason `run_simulation_script` runs its driver on one thread).
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
 def _random_models(make, count, seed=0):
