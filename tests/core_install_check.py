@@ -39,7 +39,7 @@ def check(fresh_env: bool) -> None:
         expected = template(x)
         template.load_state_dict(merged)
         assert torch.allclose(template(x), expected, atol=1e-5), "c2m3 did not undo the hidden permutations"
-    assert result.nit >= 1
+    assert result.converged and "global optimum" in result.message, result.message  # certified copies
     mean = fedmerge.merge(copies, align=None)
     for key, value in mean.items():
         assert torch.allclose(value, sum(sd[key] for sd in copies) / len(copies)), key

@@ -374,11 +374,14 @@ def test_the_start_reports_each_placed_model_and_a_callback_can_stop_it():
     spec, base, copies = _copies(model, 4, seed=100)
     seen = []
     done = fedmerge.match(copies, spec, method="c2m3", callback=lambda info: seen.append((info.phase, info.nit)))
-    assert seen == [("start", 1), ("start", 2), ("start", 3), ("frank-wolfe", 1)]  # the confirming iteration
-    assert done.converged and done.nit == 1 and done.history[-1] == done.history[0]  # step size 0
-    quick = fedmerge.match(copies, spec, method="c2m3", confirm=False)  # the certificate alone
-    assert quick.nit == 0 and quick.converged and quick.objective == done.objective
-    assert all(torch.equal(a[g], b[g]) for a, b in zip(quick.perms, done.perms) for g in spec.sizes)
+    assert seen == [("start", 1), ("start", 2), ("start", 3)]  # the certificate alone: no Frank-Wolfe
+    assert done.converged and done.nit == 0 and "global optimum" in done.message
+    checked = fedmerge.match(copies, spec, method="c2m3", confirm=True,
+                             callback=lambda info: seen.append((info.phase, info.nit)))
+    assert seen[-1] == ("frank-wolfe", 1)  # the confirming iteration
+    assert checked.converged and checked.nit == 1 and checked.history[-1] == checked.history[0]  # step size 0
+    assert checked.objective == done.objective
+    assert all(torch.equal(a[g], b[g]) for a, b in zip(checked.perms, done.perms) for g in spec.sizes)
     stopped = fedmerge.match(copies, spec, method="c2m3", callback=lambda info: info.nit >= 2)
     assert stopped.message == STOPPED and not stopped.converged and stopped.nit == 0
     assert stopped.objective < done.objective  # model 3 was not placed

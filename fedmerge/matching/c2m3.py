@@ -74,7 +74,7 @@ def _best_step(poly: np.ndarray) -> tuple[float, float]:
 def c2m3_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec: SymmetrySpec, *,
                   max_iter: int = 200, tol: float = 1e-6, patience: int = 5,
                   factorize: bool | None = None, init: str | None = None, refine: bool | int | None = None,
-                  refine_tol: float = 0.0, paper: bool = False, confirm: bool = True,
+                  refine_tol: float = 0.0, paper: bool = False, confirm: bool = False,
                   frank_wolfe: str | None = None, seed: int | None = 0, callback: Callback | None = None) -> dict:
     """Match ``n >= 2`` models into a common space by maximising C²M³'s objective (Eq. 4).
 
@@ -145,11 +145,13 @@ def c2m3_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec: Symme
         cap, stops it).  Late sweeps each move a few units for a small gain; a tolerance trades that
         tail for time, and the result is then not a fixed point (``converged`` is False).
     confirm:
-        After a certified start, run one Frank-Wolfe iteration (default ``True``), which finds step
-        size 0: the certificate also bounds the relaxation (doubly-stochastic maps do not increase
-        norms), so it cannot find ascent.  ``False`` returns the certified start with ``nit == 0``;
-        the iteration costs one gradient, i.e. about one weight-matching sweep of every model
-        (dominated by the largest layers, such as VGG's 25088×4096 classifier; BENCHMARKS.md (a)).
+        After a certified start, also run one Frank-Wolfe iteration as a self-check (default
+        ``False``).  It must find step size 0: the certificate also bounds the relaxation
+        (doubly-stochastic maps do not increase norms), so there is no ascent to find, and the
+        certificate alone is already a proof of optimality.  The iteration costs one gradient, about
+        one weight-matching sweep of every model (dominated by the largest layers, such as VGG's
+        25088×4096 classifier) and three more copies of the models in memory, a large share of the
+        time on permuted copies (BENCHMARKS.md (a)).  ``True`` runs it (``nit == 1``).
     frank_wolfe:
         ``"classic"`` (default): the paper's steps ``P <- P + t (Π - P)``.  ``"pairwise"``: pairwise
         Frank-Wolfe (not in the paper): every (model, group) block keeps its matrix as a convex
@@ -260,7 +262,7 @@ def c2m3_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec: Symme
     if certified:
         messages.append(f"sequential start ({laps} LAPs); every model coincides with model 0 in the universe: Eq. 4 "
                         "equals its Cauchy-Schwarz bound sum_{p<q} ||U_p|| ||U_q||, a global optimum (permuted copies)")
-        # nothing can improve a global optimum: no refinement, and Frank-Wolfe only to confirm it (step size 0)
+        # nothing can improve a global optimum: no refinement, and Frank-Wolfe only to confirm it if asked (step 0)
         max_iter, sweeps_cap = (min(max_iter, 1) if confirm else 0), 0
     elif incumbent is not None:
         then = ("kept (max_iter=0)" if max_iter == 0 else "Frank-Wolfe's start" if init == "sequential" else

@@ -26,8 +26,8 @@ the same models in the same run, with the ratio of their wall times::
 On permuted copies the table also says whether the merge is the original model (largest
 relative difference of the merged model's parameters from the original's).  Wall seconds are the
 aligner's own (``MatchResult.seconds``).  Methods: ``git-rebasin``, ``c2m3`` (default),
-``c2m3-paper`` (``paper=True``), ``c2m3-noconfirm`` (``confirm=False``: a certified start is
-returned without its confirming Frank-Wolfe iteration) and ``c2m3-no-fw`` (``max_iter=0``: the
+``c2m3-paper`` (``paper=True``), ``c2m3-confirm`` (``confirm=True``: a certified start is
+confirmed by one Frank-Wolfe iteration) and ``c2m3-no-fw`` (``max_iter=0``: the
 sequential match, refined, without Frank-Wolfe).
 """
 
@@ -51,9 +51,9 @@ if __package__ in (None, ""):  # run as a script: make `simulations` importable 
 
 MODULE = "simulations.benchmarks.c2m3_scaling"
 VARIANTS = {"c2m3": ("c2m3", {}), "c2m3-paper": ("c2m3", {"paper": True}), "git-rebasin": ("git-rebasin", {}),
-            "c2m3-noconfirm": ("c2m3", {"confirm": False}), "c2m3-no-fw": ("c2m3", {"max_iter": 0})}
+            "c2m3-confirm": ("c2m3", {"confirm": True}), "c2m3-no-fw": ("c2m3", {"max_iter": 0})}
 LABELS = {"c2m3": "C²M³ (default)", "c2m3-paper": "C²M³, paper's Algorithm 1",
-          "git-rebasin": "Git Re-Basin (to model 0)", "c2m3-noconfirm": "C²M³ (default, confirm=False)",
+          "git-rebasin": "Git Re-Basin (to model 0)", "c2m3-confirm": "C²M³ (default, confirm=True)",
           "c2m3-no-fw": "C²M³ (default, max_iter=0)"}
 
 
