@@ -19,7 +19,10 @@ __all__ = ["check_like", "check_state_dicts", "normalize_weights"]
 
 def check_state_dicts(state_dicts: Sequence[Mapping[str, torch.Tensor]],
                       spec: PermutationSpec | None = None, *, min_models: int = 1) -> None:
-    """Raise ``ValueError`` unless all state_dicts share keys, shapes and finite values (and fit ``spec``)."""
+    """Raise ``ValueError`` unless all state_dicts share keys, shapes and finite values (and fit ``spec``).
+
+    Finite means small enough for float32 arithmetic too: see :func:`check_like`.
+    """
     if isinstance(state_dicts, Mapping):
         raise ValueError("expected a sequence of state_dicts, got a single mapping; wrap it in a list")
     state_dicts = list(state_dicts)
@@ -42,7 +45,9 @@ def check_state_dicts(state_dicts: Sequence[Mapping[str, torch.Tensor]],
 def check_like(state_dict: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], *,
                name: str = "model", reference_name: str = "the reference") -> None:
     """Raise ``ValueError`` unless ``state_dict`` has ``reference``'s keys, shapes and dtype kinds and only
-    finite values; the message starts with ``name`` and names the key.
+    finite values, small enough that each tensor's squared norm is finite in float32 (the precision in which
+    models are matched: a diverged model of finite weights like 1e35 would overflow there); the message
+    starts with ``name`` and names the key.
 
     This is the one-model form of :func:`check_state_dicts`, for callers that judge models one at a
     time against a known architecture (a federated server checking each client's update against the
@@ -67,9 +72,17 @@ def check_like(state_dict: Mapping[str, torch.Tensor], reference: Mapping[str, t
                              f"{tuple(ref.shape)}")
         if torch.is_floating_point(t) != torch.is_floating_point(ref):
             raise ValueError(f"{name}: key {key!r} has dtype {t.dtype} but {reference_name} has {ref.dtype}")
-        if (t.is_floating_point() or t.is_complex()) and not torch.isfinite(t).all():
-            bad = "NaN" if torch.isnan(t).any() else "Inf"
-            raise ValueError(f"{name}: key {key!r} contains {bad} values")
+        if t.is_complex() and not torch.isfinite(t).all():
+            raise ValueError(f"{name}: key {key!r} contains {'NaN' if torch.isnan(t).any() else 'Inf'} values")
+        if t.is_floating_point() and t.numel():
+            flat = t.detach().reshape(-1).float()
+            if not math.isfinite(float(torch.dot(flat, flat))):  # no temporary; NaN or Inf entries make it so too
+                if not torch.isfinite(t).all():
+                    raise ValueError(f"{name}: key {key!r} contains {'NaN' if torch.isnan(t).any() else 'Inf'} "
+                                     "values")
+                raise ValueError(f"{name}: key {key!r} has values too large for float32 arithmetic (largest "
+                                 f"|value| {float(t.abs().max()):.3g}, its squared norm overflows float32, in which "
+                                 "models are compared and merged); did its training diverge?")
 
 
 def normalize_weights(weights: Sequence[float] | torch.Tensor | None, n: int) -> list[float]:

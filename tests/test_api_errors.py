@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -93,6 +94,23 @@ def test_non_finite_weights(models, spec, bad, entry):
     models[1][key][0] = bad
     with pytest.raises(ValueError, match=rf"model 1: key '{key}' contains (NaN|Inf)"):
         entry(models, spec)
+
+
+@pytest.mark.parametrize("entry", MERGES + MATCHES)
+def test_weights_too_large_for_float32_arithmetic(models, spec, entry):
+    # finite, but a diverged model's squared norm overflows float32, in which every aligner compares models
+    key = list(models[0])[2]
+    models[1][key][0] = 1e30
+    with pytest.raises(ValueError, match=rf"model 1: key '{key}' has values too large for float32 arithmetic "
+                                         r"\(largest \|value\| 1e\+30"):
+        entry(models, spec)
+
+
+def test_the_line_search_refuses_a_polynomial_that_overflowed():
+    from fedmerge.matching import c2m3
+    assert c2m3._best_step(np.array([0.0, 2.0, -1.0]))[0] == pytest.approx(1.0)  # -t² + 2t on [0, 1]: t = 1
+    with pytest.raises(FloatingPointError, match="overflowed float32"):
+        c2m3._best_step(np.array([0.0, np.inf, -1.0]))
 
 
 @pytest.mark.parametrize("entry", MERGES)

@@ -137,6 +137,8 @@ def _bad_replies(base: dict) -> list[tuple[Message, str]]:
     nan[key][0, 0] = float("nan")
     inf = {k: v.clone() for k, v in base.items()}
     inf["layers.0.bias"][1] = float("inf")
+    diverged = {k: v.clone() for k, v in base.items()}  # finite, but its squared norm overflows float32
+    diverged["layers.1.weight"][2, 3] = 1e35
     wrong_shape = {**base, key: base[key][:, :-1]}
     missing = {k: v for k, v in base.items() if k != key}
     extra = {**base, "head.extra": torch.zeros(3)}
@@ -157,6 +159,7 @@ def _bad_replies(base: dict) -> list[tuple[Message, str]]:
         (_reply(21, base, metrics={"num-examples": [1, 2]}), "one finite number"),
         (_reply(22, arrays=[ArrayRecord(base), ArrayRecord(base)]), "exactly one ArrayRecord"),
         (_reply(23, arrays=[]), "exactly one ArrayRecord, got 0"),
+        (_reply(24, diverged), "'layers.1.weight' has values too large for float32 arithmetic"),
     ]
 
 

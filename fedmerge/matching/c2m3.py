@@ -60,6 +60,9 @@ _CERTIFICATE_RTOL = 1e-7
 
 def _best_step(poly: np.ndarray) -> tuple[float, float]:
     """Maximise the polynomial ``sum_m poly[m] t^m`` over ``t in [0, 1]``; return ``(t, gain)``."""
+    if not np.isfinite(poly).all():
+        raise FloatingPointError("the Frank-Wolfe line search overflowed float32: the models' weights are too large "
+                                 "to be compared in float32 (rescale them, or check whether their training diverged)")
     candidates = [0.0, 1.0]
     deriv = np.polynomial.polynomial.polyder(poly)
     if np.any(deriv != 0):
