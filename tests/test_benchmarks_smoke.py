@@ -184,7 +184,7 @@ def test_resnet_table_on_cifar10_from_data_dir(tmp_path, capsys):
                      "--calibration", "8", "--cache-dir", str(tmp_path / "cache"), "--threads", "1",
                      "--no-progress", "--out", str(out)])
     cached = sorted(p.name for p in (tmp_path / "cache" / "bench").iterdir())
-    assert cached == [f"resnet20-bn-w0.25-cifar10-sgd-e1-n32-seed{s}.pt" for s in range(3)]
+    assert cached == [f"resnet20-bn-w0.25-cifar10-sgd-b128-e1-n32-seed{s}.pt" for s in range(3)]
     data = json.loads(out.read_text())
     assert data["config"]["dataset"] == "cifar10" and list(data["tables"]) == ["resnet"]
     rows = data["results"]["resnet"]
@@ -217,3 +217,36 @@ def test_the_dataset_option_belongs_to_the_resnet_table(tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="cifar-10-batches-py"):  # an empty --data-dir says what it lacks
         orthogonal.main(["--tables", "resnet", "--dataset", "cifar10", "--data-dir", str(tmp_path),
                          "--cache-dir", str(tmp_path / "cache"), "--threads", "1", "--no-progress"])
+
+
+# --------------------------------------------------------------------------- orthogonal.py: the Adam batch size
+def test_batch_size_is_chosen_by_the_endpoints_validation_accuracy(tmp_path):
+    out = tmp_path / "orthogonal.json"
+    orthogonal.main(["--tables", "batch", "--smoke", "--batch-sizes", "128,512", "--cache-dir", str(tmp_path / "cache"),
+                     "--threads", "1", "--no-progress", "--out", str(out)])
+    data = json.loads(out.read_text())
+    rows = data["results"]["batch"]
+    assert [r["batch_size"] for r in rows] == [128, 512]
+    best = max(rows, key=lambda r: r["validation"])
+    assert rows[0]["validation"] != rows[1]["validation"]  # else the tie rule, not the accuracy, would choose
+    assert [r["chosen"] for r in rows] == [r is best for r in rows]
+    assert data["config"]["batch_size"] == best["batch_size"]  # what tables 1 and 2 then train with
+    for r in rows:
+        assert 0.0 <= r["test_min"] <= r["test_mean"] <= r["test_max"] <= 1.0 and 0.0 <= r["merged_test"] <= 1.0
+    cached = sorted(p.name for p in (tmp_path / "cache" / "bench").iterdir())
+    assert cached == sorted(f"mlp-784-128-64-10-adam-b{b}-e1-n2000-seed{s}.pt" for b in (128, 512) for s in range(4))
+    assert f"tables 1 and 2 use batch {best['batch_size']}" in data["tables"]["batch"]
+
+
+def test_an_explicit_batch_size_is_kept_and_bad_ones_are_refused(tmp_path, capsys):
+    out = tmp_path / "orthogonal.json"
+    orthogonal.main(["--tables", "batch", "--smoke", "--batch-sizes", "128,512", "--batch-size", "256",
+                     "--cache-dir", str(tmp_path / "cache"), "--threads", "1", "--no-progress", "--out", str(out)])
+    assert json.loads(out.read_text())["config"]["batch_size"] == 256
+    for bad in (["--batch-size", "0"], ["--batch-size", "many"], ["--batch-sizes", "16,0"]):
+        with pytest.raises(SystemExit) as info:
+            orthogonal.main(["--tables", "batch", *bad])
+        assert info.value.code == 2 and "--batch-size" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:  # the validation images must end before the calibration images
+        orthogonal.main(["--tables", "spherical", "--train-size", "52000", "--cache-dir", str(tmp_path / "cache")])
+    assert info.value.code == 2 and "validation images" in capsys.readouterr().err

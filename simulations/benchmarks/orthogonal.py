@@ -10,7 +10,7 @@ Three tables, each next to the figures of the paper it reproduces:
    residual ``E_res`` and sign-change share of each map (mean over the hidden layers, on the
    calibration inputs).
 2. ``spherical-barycenter-multi-model-merging``: 4 MLPs 784-128-64-10 and 4 logistic regressions,
-   3 epochs of Adam (lr 1e-3, batch 64) on the first 50 000 MNIST training images; the spherical
+   3 epochs of Adam (lr 1e-3) on the first 50 000 MNIST training images; the spherical
    (Karcher) barycenter unaligned (the whole model as one vector, as in the paper, with the log/exp
    iteration and with pymanopt's Riemannian trust regions; and per tensor), aligned (C²M³,
    MergeMany, orthogonal with ``relax=True``, activation matching on the units' cross-correlations)
@@ -31,6 +31,11 @@ Three tables, each next to the figures of the paper it reproduces:
    linear CKA of the midpoint's embedding (pooled features) with model A's, the cycle error of
    three models' maps (ours, into a common space; independent pairwise ones) and the ReLU residual
    of the searched rotations before projection (RME).
+
+Neither MLP paper gives a batch size: ``--batch-size auto`` (default; ``--tables batch`` prints the choice)
+trains the four MLPs of table 2 at each of ``--batch-sizes`` and keeps the one whose endpoints score best on
+validation images (training images after the first ``--train-size``, before the calibration images); tables 1
+and 2 then train with it.
 
 Run from the repository root::
 
@@ -71,7 +76,11 @@ from simulations.benchmarks.models import bench_cache_dir
 from simulations.benchmarks.output import atomic_write, finish, markdown_table
 
 MODULE = "simulations.benchmarks.orthogonal"
-TABLES = ("mlp", "spherical", "resnet")
+TABLES = ("batch", "mlp", "spherical", "resnet")
+#: The Adam batch sizes ``--batch-size auto`` chooses from, and the validation images it chooses on: the
+#: training images right after the first ``--train-size`` (never trained on, and before the calibration images).
+BATCH_SIZES = (8, 16, 32, 64, 128)
+VALIDATION = 5000
 
 #: Table 1 of the MNIST orthogonal paper: accuracy at α = 0.5, E_res, sign change.
 PAPER_MLP = {"naive": ("11.2%", "—", "—"), "permutation": ("97.8%", "0", "0%"),
@@ -91,13 +100,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--widths", type=lambda s: parse_int_list(s, minimum=1), default=[128, 64],
                    help="MLP hidden widths for tables 1 and 2 (default: 128,64, the spherical paper's)")
     p.add_argument("--epochs", type=positive_int, default=3, help="Adam epochs per model (default: 3)")
+    p.add_argument("--batch-size", type=_batch_size, default="auto",
+                   help="Adam batch size of the MLPs and logistic regressions of tables 1 and 2 (default: auto, "
+                        "the one of --batch-sizes whose four endpoints, seeds 0-3, score best on the "
+                        f"{VALIDATION} validation images after the training images: the papers do not give one)")
+    p.add_argument("--batch-sizes", type=lambda s: parse_int_list(s, minimum=1), default=list(BATCH_SIZES),
+                   help="the batch sizes that --batch-size auto chooses from (default: "
+                        f"{','.join(map(str, BATCH_SIZES))})")
     p.add_argument("--train-size", type=positive_int, default=50_000,
                    help="train on the first N MNIST training images (default: 50000, the spherical paper's)")
     p.add_argument("--calibration", type=positive_int, default=5000,
                    help="training images used as calibration inputs for activations (default: 5000)")
     p.add_argument("--tables", type=parse_choice_list(TABLES), default=["mlp", "spherical"],
-                   help=f"comma-separated subset of {','.join(TABLES)} (default: mlp,spherical; resnet trains "
-                        "three ResNet-20s on the first run)")
+                   help=f"comma-separated subset of {','.join(TABLES)} (default: mlp,spherical; batch, the choice "
+                        "of the batch size, is printed whenever --batch-size is auto; resnet trains three "
+                        "ResNet-20s on the first run)")
     p.add_argument("--resnet-width", type=float, default=0.5, help="ResNet-20 width multiplier (default: 0.5)")
     p.add_argument("--resnet-epochs", type=positive_int, default=2, help="ResNet-20 epochs (default: 2)")
     p.add_argument("--resnet-train-size", type=positive_int, default=20_000,
@@ -125,9 +142,16 @@ class LogisticRegression(nn.Module):
         return self.linear(self.flatten(x))
 
 
-def _adam(make, name: str, seed: int, x, y, *, epochs: int, cache_dir, lr: float = 1e-3, batch_size: int = 64,
+def _batch_size(text: str) -> int | str:
+    """``--batch-size``: ``auto`` or a positive integer."""
+    if text == "auto":
+        return text
+    return positive_int(text)
+
+
+def _adam(make, name: str, seed: int, x, y, *, epochs: int, cache_dir, batch_size: int, lr: float = 1e-3,
           optimizer: str = "adam") -> dict[str, torch.Tensor]:
-    path = bench_cache_dir(cache_dir) / f"{name}-{optimizer}-e{epochs}-n{len(x)}-seed{seed}.pt"
+    path = bench_cache_dir(cache_dir) / f"{name}-{optimizer}-b{batch_size}-e{epochs}-n{len(x)}-seed{seed}.pt"
     if path.exists():
         return torch.load(path, map_location="cpu", weights_only=True)
     torch.manual_seed(seed)
@@ -175,7 +199,8 @@ def mlp_table(args, train, test, calib) -> tuple[str, list[dict]]:
         return MLP(train.input_shape, train.num_classes, widths=widths)
 
     x, y = train.images[:args.train_size], train.labels[:args.train_size]
-    sds = [_adam(make, name, s, x, y, epochs=args.epochs, cache_dir=args.cache_dir) for s in range(2)]
+    sds = [_adam(make, name, s, x, y, epochs=args.epochs, batch_size=args.batch_size, cache_dir=args.cache_dir)
+           for s in range(2)]
     model = make()
     spec = model.permutation_spec()
     relaxed = fedmerge.relaxed_spec(spec)
@@ -256,12 +281,71 @@ def mlp_table(args, train, test, calib) -> tuple[str, list[dict]]:
          ("barrier", "barrier (LERP/SLERP)"),
          ("e_res", "E_res"), ("sign", "sign change"), ("s", "align s"), ("pa", "paper acc"), ("pe", "paper E_res"),
          ("ps", "paper sign")])
-    head = (f"Two MLPs {name[4:]} on MNIST ({args.epochs} epochs Adam 1e-3, first {args.train_size} training images), "
+    head = (f"Two MLPs {name[4:]} on MNIST ({args.epochs} epochs Adam 1e-3, batch {args.batch_size}, first "
+            f"{args.train_size} training images), "
             f"endpoint test accuracy {_pct(ends[0])}, {_pct(ends[1])}; calibration: {len(calib)} training images.")
     return head + "\n\n" + table, rows
 
 
-# --------------------------------------------------------------------------- table 2
+# --------------------------------------------------------------------------- table 2 (and its batch size)
+def _spherical_mlps(args, train, seeds, batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """The spherical paper's MLPs 784-128-64-10 from ``seeds``: Adam 1e-3, ``args.epochs`` epochs (cached)."""
+    x, y = train.images[:args.train_size], train.labels[:args.train_size]
+    return [_adam(lambda: MLP(train.input_shape, train.num_classes, widths=(128, 64)), "mlp-784-128-64-10", s,
+                  x, y, epochs=args.epochs, batch_size=batch_size, cache_dir=args.cache_dir) for s in seeds]
+
+
+def _validation(args, train) -> tuple[torch.Tensor, torch.Tensor]:
+    """The :data:`VALIDATION` training images after the first ``args.train_size``: neither trained on nor used
+    for calibration (``main`` checks that they end before the calibration images)."""
+    lo, hi = args.train_size, args.train_size + VALIDATION
+    return train.images[lo:hi], train.labels[lo:hi]
+
+
+def batch_table(args, train, test) -> tuple[str, list[dict]]:
+    """Choose the Adam batch size of tables 1 and 2, which neither paper gives, and set ``args.batch_size``.
+
+    For each of ``args.batch_sizes`` the four MLPs of table 2 (seeds 0-3) are trained, and the batch size whose
+    endpoints have the highest mean accuracy on the validation images wins (the smaller one on a tie). The test
+    accuracy of the endpoints and of one merge (C²M³ + spherical barycenter + REPAIR of every layer) is shown
+    beside it, but the choice reads the endpoints' validation accuracy only: no merge, no test image.  An explicit
+    ``--batch-size`` is kept (the table then only shows which batch size validation would have chosen).
+    """
+    x = train.images[:args.train_size]
+    val, data = _validation(args, train), (test.images, test.labels)
+    mlp = MLP(train.input_shape, train.num_classes, widths=(128, 64))
+    spec = mlp.permutation_spec()
+    rows = []
+    for batch_size in args.batch_sizes:
+        sds = _spherical_mlps(args, train, range(4), batch_size)
+        val_accs = [am.evaluate(mlp, sd, val)["accuracy"] for sd in sds]
+        test_accs = [am.evaluate(mlp, sd, data)["accuracy"] for sd in sds]
+        merged = fedmerge.merge(sds, spec=spec, model=mlp, align="c2m3", average="spherical", repair="repair",
+                                repair_options={"inputs": x, "target": "variance", "modules": "all"})
+        rows.append({"batch_size": batch_size, "validation": statistics.fmean(val_accs),
+                     "test_min": min(test_accs), "test_max": max(test_accs), "test_mean": statistics.fmean(test_accs),
+                     "merged_test": am.evaluate(mlp, merged, data)["accuracy"]})
+        print(f"  batch size {batch_size}: endpoints' validation accuracy {_pct(rows[-1]['validation'])}",
+              file=sys.stderr, flush=True)
+    best = max(rows, key=lambda r: (r["validation"], -r["batch_size"]))
+    if args.batch_size == "auto":
+        args.batch_size = best["batch_size"]
+    for r in rows:
+        r["chosen"] = r is best
+    table = markdown_table(
+        [{"b": str(r["batch_size"]) + (" (best)" if r["chosen"] else ""), "val": _pct(r["validation"]),
+          "test": f"{_pct(r['test_min'])}–{_pct(r['test_max'])}", "mean": _pct(r["test_mean"]),
+          "merged": _pct(r["merged_test"])} for r in rows],
+        [("b", "Adam batch size"), ("val", "endpoints: mean validation accuracy (the choice)"),
+         ("test", "endpoints: test accuracy (min–max)"), ("mean", "endpoints: mean test accuracy"),
+         ("merged", "C²M³ + spherical barycenter + REPAIR (every layer): test accuracy")])
+    head = (f"The Adam batch size of tables 1 and 2 (neither paper gives one): four MLPs 784-128-64-10 (seeds 0-3), "
+            f"{args.epochs} epochs Adam 1e-3 on the first {args.train_size} training images for each candidate; "
+            f"the best is the one whose endpoints score highest on the {len(val[0])} training images after them "
+            f"(validation); tables 1 and 2 use batch {args.batch_size}.")
+    return head + "\n\n" + table, rows
+
+
 def _repair_rows(add, label, sds, spec, mlp, inputs) -> None:
     """C²M³ + spherical barycenter + REPAIR of every layer (the logits too) on ``inputs``, both target rules."""
     for target in ("std", "variance"):
@@ -274,11 +358,10 @@ def spherical_table(args, train, test) -> tuple[str, list[dict]]:
     x, y = train.images[:args.train_size], train.labels[:args.train_size]
     data = (test.images, test.labels)
     mlp = MLP(train.input_shape, train.num_classes, widths=(128, 64))
-    mlps = [_adam(lambda: MLP(train.input_shape, train.num_classes, widths=(128, 64)), "mlp-784-128-64-10", s,
-                  x, y, epochs=args.epochs, cache_dir=args.cache_dir) for s in range(4)]
+    mlps = _spherical_mlps(args, train, range(4), args.batch_size)
     lr = LogisticRegression(train.input_shape, train.num_classes)
     lrs = [_adam(lambda: LogisticRegression(train.input_shape, train.num_classes), "logreg-784-10", s, x, y,
-                 epochs=args.epochs, cache_dir=args.cache_dir) for s in range(4)]
+                 epochs=args.epochs, batch_size=args.batch_size, cache_dir=args.cache_dir) for s in range(4)]
     rows = []
 
     def add(label, model, sd, paper=None, seconds=None):
@@ -331,8 +414,7 @@ def spherical_table(args, train, test) -> tuple[str, list[dict]]:
     add("MLP, activation correlation matching + spherical barycenter (tensor) + REPAIR (target='variance', "
         "every layer, training images)", mlp, sd, "—")
     # robustness: a second set of four models (seeds 4-7), the same recipe
-    second = [_adam(lambda: MLP(train.input_shape, train.num_classes, widths=(128, 64)), "mlp-784-128-64-10", s,
-                    x, y, epochs=args.epochs, cache_dir=args.cache_dir) for s in range(4, 8)]
+    second = _spherical_mlps(args, train, range(4, 8), args.batch_size)
     accs2 = [am.evaluate(mlp, sd, data)["accuracy"] for sd in second]
     rows.append({"label": "second set (seeds 4–7): 4 MLP endpoints (min–max)", "accuracy": None,
                  "text": f"{_pct(min(accs2))}–{_pct(max(accs2))}", "paper": "—"})
@@ -367,7 +449,8 @@ def spherical_table(args, train, test) -> tuple[str, list[dict]]:
           "s": None if r.get("seconds") is None else f"{r['seconds']:.2f}", "paper": r["paper"]} for r in rows],
         [("label", "model / merge"), ("acc", "test accuracy"), ("loss", "test loss"), ("s", "merge s"),
          ("paper", "paper")])
-    head = (f"4 MLPs 784-128-64-10 and 4 logistic regressions, {args.epochs} epochs Adam 1e-3 (batch 64) on the "
+    head = (f"4 MLPs 784-128-64-10 and 4 logistic regressions, {args.epochs} epochs Adam 1e-3 (batch "
+            f"{args.batch_size}) on the "
             f"first {args.train_size} MNIST training images, evaluated on the 10 000 test images. REPAIR: the "
             f"hidden layers on the last {args.calibration} training images (held out), or every layer on the "
             f"{args.train_size} training images.")
@@ -529,10 +612,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     set_threads(args.threads)
     env = environment(MODULE, argv)
     tables, results = {}, {}
-    if "mlp" in args.tables or "spherical" in args.tables or ("resnet" in args.tables and args.dataset == "mnist"):
+    adam_tables = {"batch", "mlp", "spherical"} & set(args.tables)
+    if adam_tables or ("resnet" in args.tables and args.dataset == "mnist"):
         train = load_dataset("mnist", train=True)
         test = load_dataset("mnist", train=False)
+    if adam_tables and args.train_size + VALIDATION > len(train.images) - args.calibration:
+        parser.error(f"--train-size {args.train_size} leaves no room for the {VALIDATION} validation images before "
+                     f"the last {args.calibration} (calibration) of the {len(train.images)} training images")
     calib = train.images[-args.calibration:] if "mlp" in args.tables else None  # held out from the first train_size
+    if "batch" in args.tables or (args.batch_size == "auto" and adam_tables):
+        tables["batch"], results["batch"] = batch_table(args, train, test)
     if "mlp" in args.tables:
         tables["mlp"], results["mlp"] = mlp_table(args, train, test, calib)
     if "spherical" in args.tables:
