@@ -10,8 +10,11 @@ Every combination of ``--strategies`` x ``--inits`` x ``--partitions`` runs as i
 ``simulations/run.py`` process (a fresh Ray each time, so one run cannot disturb the next) with the
 same other flags (everything after ``--`` is passed through), in ``OUT/<strategy>-<init>-<partition>``.
 A combination whose ``results.json`` is already complete with the same command is not run again,
-so an interrupted comparison resumes where it stopped.  The table (markdown) is printed and
-written to ``OUT/comparison.md``, the numbers to ``OUT/comparison.json``.
+so an interrupted comparison resumes where it stopped.  A run that fails does not stop the others:
+its error is printed when it fails, the table is built from the runs that completed, and the
+command then exits with status 1, naming every failed run (run it again to retry just those).  The
+table (markdown) is printed and written to ``OUT/comparison.md``, the numbers to
+``OUT/comparison.json``.
 """
 
 from __future__ import annotations
@@ -91,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     out = Path(args.out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     combos = list(itertools.product(args.inits, args.partitions, args.strategies))
-    rows = []
+    rows, failed = [], []
     for k, (init, part, strategy) in enumerate(combos, 1):
         name = f"{strategy}-{init}-{part}"
         run_dir = out / name
@@ -106,7 +109,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
             t0 = time.perf_counter()
             proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
             if proc.returncode != 0:
-                raise SystemExit(f"run {name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+                print(f"    run {name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}", file=sys.stderr,
+                      flush=True)
+                failed.append(name)
+                continue
             (run_dir / "command.txt").write_text(command + "\n")
             print(f"    done in {time.perf_counter() - t0:.0f} s", flush=True)
         else:
@@ -117,6 +123,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     (out / "comparison.md").write_text(table + "\n")
     print()
     print(table)
+    if failed:
+        raise SystemExit(f"{len(failed)} of {len(combos)} runs failed: {', '.join(failed)} (their errors are above; "
+                         "run the same command again to retry them, completed runs are kept)")
     return rows
 
 

@@ -204,6 +204,18 @@ def test_compare_builds_its_table_and_refuses_flags_it_sets():
         compare._run_args(["--", "--strategy", "fedavg"])
 
 
+def test_compare_goes_on_past_a_failed_run_and_names_every_failure(tmp_path, capsys):
+    from simulations import compare
+
+    # run.py refuses --rounds 0 before Ray starts: two real runs that fail fast
+    with pytest.raises(SystemExit, match="2 of 2 runs failed: fedavg-shared-iid, c2m3-shared-iid"):
+        compare.main(["--strategies", "fedavg", "c2m3", "--inits", "shared", "--partitions", "iid", "--clients", "2",
+                      "--out", str(tmp_path), "--", "--rounds", "0"])
+    err = capsys.readouterr().err
+    assert err.count("failed (exit 2)") == 2 and "argument --rounds" in err
+    assert (tmp_path / "comparison.md").read_text().splitlines()[0].startswith("| strategy | init")
+
+
 def test_fedma_command_is_accepted_with_cifar10_in_data_dir(tmp_path):
     """The FedMA-setting command of BENCHMARKS.md passes every check run.py makes before Ray starts
     (CIFAR-10 replaced by generated batches in the real on-disk format)."""
