@@ -19,7 +19,7 @@ per method: wall seconds and their ratio to Git Re-Basin's in the same run (when
 is among the methods), Frank-Wolfe iterations, refinement sweeps, LAPs solved, seconds in the LAP
 solver and in the rest (products, gathers, line search), the objective and its ratio to the
 paper's algorithm (``c2m3-paper``), and with ``--accuracy`` the MNIST test accuracy of the merged
-MLP.  ``c2m3-paper``, ``c2m3-fwK`` (K = 20, 40, 60), ``c2m3-sequential`` and ``c2m3-no-fw`` are C²M³
+MLP.  ``c2m3-paper``, ``c2m3-fwK`` (K in :data:`FW_ITERATIONS`), ``c2m3-sequential`` and ``c2m3-no-fw`` are C²M³
 with ``paper=True``, ``init="identity", max_iter=K`` (K Frank-Wolfe iterations from identity
 matrices, then refinement), ``init="sequential"`` and ``max_iter=0`` (the default's sequential
 match, refined, without Frank-Wolfe); ``c2m3-pfwK`` the same with ``frank_wolfe="pairwise"``, and
@@ -54,10 +54,12 @@ from simulations.benchmarks.models import PAPER_WIDTHS, method_call, mlp_name, r
 from simulations.benchmarks.output import finish, markdown_table
 
 MODULE = "simulations.benchmarks.matching_speed"
+#: Frank-Wolfe iteration counts of the ``c2m3-fw{K}`` variants (K iterations from identity, rounding, refinement).
+FW_ITERATIONS = (20, 30, 40, 45, 60, 80, 100)
 METHOD_LABELS = {"c2m3": "C²M³ (default: auto start, Frank-Wolfe, refinement to a fixed point)",
                  "c2m3-paper": "C²M³, paper's Algorithm 1 (paper=True)",
                  **{f"c2m3-fw{k}": f"C²M³, {k} Frank-Wolfe iterations from identity + refinement"
-                    for k in (20, 40, 60)},
+                    for k in FW_ITERATIONS},
                  **{f"c2m3-pfw{k}": f"C²M³, {k} pairwise Frank-Wolfe iterations from identity + refinement"
                     for k in (20, 40, 60)},
                  "c2m3-pfw-paper": "C²M³, pairwise Frank-Wolfe from identity matrices, rounding (no refinement)",
@@ -72,7 +74,7 @@ METHOD_LABELS = {"c2m3": "C²M³ (default: auto start, Frank-Wolfe, refinement t
 #: The K-iteration variants start from identity matrices: on these independently trained models the default's
 #: sequential match only adds its cost (Frank-Wolfe's rounding scores higher).
 C2M3_VARIANTS = {"c2m3-paper": {"paper": True},
-                 **{f"c2m3-fw{k}": {"init": "identity", "max_iter": k} for k in (20, 40, 60)},
+                 **{f"c2m3-fw{k}": {"init": "identity", "max_iter": k} for k in FW_ITERATIONS},
                  **{f"c2m3-pfw{k}": {"init": "identity", "max_iter": k, "frank_wolfe": "pairwise"}
                     for k in (20, 40, 60)},
                  "c2m3-pfw-paper": {"init": "identity", "refine": 0, "frank_wolfe": "pairwise"},
