@@ -288,11 +288,16 @@ def mlp_table(args, train, test, calib) -> tuple[str, list[dict]]:
 
 
 # --------------------------------------------------------------------------- table 2 (and its batch size)
+def _spherical_mlp(train) -> MLP:
+    """The spherical paper's MLP 784-128-64-10 (a template: its weights are not used)."""
+    return MLP(train.input_shape, train.num_classes, widths=(128, 64))
+
+
 def _spherical_mlps(args, train, seeds, batch_size: int) -> list[dict[str, torch.Tensor]]:
-    """The spherical paper's MLPs 784-128-64-10 from ``seeds``: Adam 1e-3, ``args.epochs`` epochs (cached)."""
+    """The spherical paper's MLPs from ``seeds``: Adam 1e-3, ``args.epochs`` epochs (cached)."""
     x, y = train.images[:args.train_size], train.labels[:args.train_size]
-    return [_adam(lambda: MLP(train.input_shape, train.num_classes, widths=(128, 64)), "mlp-784-128-64-10", s,
-                  x, y, epochs=args.epochs, batch_size=batch_size, cache_dir=args.cache_dir) for s in seeds]
+    return [_adam(lambda: _spherical_mlp(train), "mlp-784-128-64-10", s, x, y, epochs=args.epochs,
+                  batch_size=batch_size, cache_dir=args.cache_dir) for s in seeds]
 
 
 def _validation(args, train) -> tuple[torch.Tensor, torch.Tensor]:
@@ -313,7 +318,7 @@ def batch_table(args, train, test) -> tuple[str, list[dict]]:
     """
     x = train.images[:args.train_size]
     val, data = _validation(args, train), (test.images, test.labels)
-    mlp = MLP(train.input_shape, train.num_classes, widths=(128, 64))
+    mlp = _spherical_mlp(train)
     spec = mlp.permutation_spec()
     rows = []
     for batch_size in args.batch_sizes:
@@ -357,7 +362,7 @@ def _repair_rows(add, label, sds, spec, mlp, inputs) -> None:
 def spherical_table(args, train, test) -> tuple[str, list[dict]]:
     x, y = train.images[:args.train_size], train.labels[:args.train_size]
     data = (test.images, test.labels)
-    mlp = MLP(train.input_shape, train.num_classes, widths=(128, 64))
+    mlp = _spherical_mlp(train)
     mlps = _spherical_mlps(args, train, range(4), args.batch_size)
     lr = LogisticRegression(train.input_shape, train.num_classes)
     lrs = [_adam(lambda: LogisticRegression(train.input_shape, train.num_classes), "logreg-784-10", s, x, y,
