@@ -4,7 +4,8 @@ Every aligner calls ``callback(intermediate_result)`` after each of its iteratio
 :class:`~scipy.optimize.OptimizeResult` holding at least
 
 * ``method`` — the aligner (``"c2m3"``, ``"mergemany"``, ``"git-rebasin"`` or a user's name);
-* ``phase`` — what is iterating (``"frank-wolfe"``, ``"refinement"``, ``"sweep"``, ``"model"``);
+* ``phase`` — what is iterating (``"start"``, ``"frank-wolfe"``, ``"refinement"``, ``"perturbation"``,
+  ``"sweep"``, ``"model"``);
 * ``nit`` and ``max_iter`` — iterations done in this phase and their cap;
 
 plus what the method knows cheaply at that point (``objective``, ``step``, ``changed``...).  A
@@ -29,7 +30,7 @@ STOPPED = "stopped by the callback"
 
 _POSTFIX = ("objective", "step", "changed")
 _LABELS = {"c2m3": "C²M³", "mergemany": "MergeMany", "git-rebasin": "Git Re-Basin", "frank-wolfe": "Frank-Wolfe",
-           "sweep": "sweeps", "model": "models"}
+           "perturbation": "perturbation rounds", "sweep": "sweeps", "model": "models"}
 
 
 def report(callback: Callback | None, **fields: Any) -> bool:

@@ -29,8 +29,8 @@ Around Algorithm 1, not in the paper and on by default (``paper=True`` turns bot
 that recognises permuted copies of one model and certifies them optimal (``init="auto"``), and
 block-coordinate refinement of the rounded permutations to a fixed point (``refine=True``);
 :func:`c2m3_matching` says why the paper's Frank-Wolfe alone stalls on permuted copies.  Off by
-default: pairwise Frank-Wolfe steps (``frank_wolfe="pairwise"``) and a tolerance on the refinement's
-sweeps (``refine_tol``).
+default: pairwise Frank-Wolfe steps (``frank_wolfe="pairwise"``), a tolerance on the refinement's
+sweeps (``refine_tol``) and rounds of iterated local search after it (``perturbations``).
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def _best_step(poly: np.ndarray) -> tuple[float, float]:
 def c2m3_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec: SymmetrySpec, *,
                   max_iter: int = 200, tol: float = 1e-6, patience: int = 5,
                   factorize: bool | None = None, init: str | None = None, refine: bool | int | None = None,
-                  refine_tol: float = 0.0, paper: bool = False, confirm: bool = False,
+                  refine_tol: float = 0.0, perturbations: int = 0, paper: bool = False, confirm: bool = False,
                   frank_wolfe: str | None = None, seed: int | None = 0, callback: Callback | None = None) -> dict:
     """Match ``n >= 2`` models into a common space by maximising C²M³'s objective (Eq. 4).
 
@@ -165,13 +165,13 @@ def c2m3_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec: Symme
         step is the paper's.  Experimental: BENCHMARKS.md (a) compares the two.
     paper:
         ``True``: the paper's algorithm, i.e. ``init="identity", refine=0``, classic steps; giving
-        another ``init``, ``refine`` or ``frank_wolfe`` with it is an error.
+        another ``init``, ``refine``, ``frank_wolfe`` or ``perturbations`` with it is an error.
     callback:
         Called after every model the start places (phase ``"start"``), every Frank-Wolfe
         iteration (phase ``"frank-wolfe"``, with ``objective`` and ``step``) and every refinement
         sweep (phase ``"refinement"``, with ``changed`` and ``objective``, the gains of its accepted
-        steps as read off their float32 cost matrices added to the rounded objective); see
-        :mod:`fedmerge.progress`.
+        steps as read off their float32 cost matrices added to the rounded objective), and every
+        sweep of a perturbation round (phase ``"perturbation"``, above); see :mod:`fedmerge.progress`.
 
     Frank-Wolfe runs over permutation matrices (the Birkhoff polytope), so groups of another
     kind (signed-permutation, orthogonal) are aligned by permutations only — a subgroup of every
@@ -192,6 +192,9 @@ def c2m3_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec: Symme
             raise ValueError("paper=True runs the paper's algorithm (init='identity', no refinement); "
                              f"do not combine it with init={init!r}, refine={refine!r}")
         init, refine = "identity", 0
+    if paper and perturbations:
+        raise ValueError("paper=True runs the paper's algorithm (no refinement); do not combine it with "
+                         f"perturbations={perturbations!r}")
     if paper and frank_wolfe not in (None, "classic"):
         raise ValueError(f"paper=True runs the paper's Frank-Wolfe; do not combine it with frank_wolfe={frank_wolfe!r}")
     init = "auto" if init is None else init
@@ -207,6 +210,11 @@ def c2m3_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec: Symme
         sweeps_cap = refine
     else:
         raise ValueError(f"refine must be True, False or a number of sweeps >= 0, got {refine!r}")
+    if isinstance(perturbations, bool) or not isinstance(perturbations, (int, np.integer)) or perturbations < 0:
+        raise ValueError(f"perturbations must be a number of rounds >= 0, got {perturbations!r}")
+    if perturbations and not sweeps_cap:
+        raise ValueError(f"perturbations={perturbations} re-runs the refinement after each perturbation; "
+                         "it needs refine=True or a number of sweeps >= 1, not refine=0")
     if not isinstance(max_iter, int) or max_iter < 0:
         raise ValueError(f"max_iter must be >= 0, got {max_iter}")
     if max_iter == 0 and init == "identity" and sweeps_cap == 0:
@@ -327,6 +335,15 @@ def c2m3_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec: Symme
                 messages.append(f"the refined rounding ({refined_objective:.6g}) scored at least as high as the "
                                 f"sequential match ({incumbent_objective:.6g}) and is kept")
         hard = refined
+        if perturbations and not stopped:
+            hard, kept, more, count, stopped, fixed = _perturb(
+                stack, hard, free, rng, rounds=int(perturbations), cap=sweeps_cap, tol=refine_tol, callback=callback)
+            laps += count
+            sweeps += more
+            converged = fixed if kept else converged
+            messages.append(f"{perturbations} perturbation round{'' if perturbations == 1 else 's'} (one model's "
+                            f"permutations drawn at random, every model refined again; {more} sweeps): {kept} raised "
+                            "the objective and were kept")
     message = STOPPED if stopped else "; ".join(messages)
     converged = converged and not stopped
     perms = unstack_permutations(hard)
@@ -347,11 +364,13 @@ def c2m3_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec: Symme
 
 
 def _refine(stack: Stack, perms: Mapping[str, torch.Tensor], free: torch.Tensor, rng: np.random.Generator, *,
-            cap: int, tol: float, callback: Callback | None, offset: int = 0):
+            cap: int, tol: float, callback: Callback | None, offset: int = 0,
+            position: tuple[int, int] | None = None):
     """Block-coordinate ascent from ``perms``: sweeps over the free models in random order, each model's groups in
     random order, one LAP per block against the sum of the others, until a sweep changes nothing, ``cap`` sweeps,
     a sweep gaining no more than ``tol`` (relative), or the callback stops it.  Sweeps are reported to the callback
-    as ``offset + 1, offset + 2, ...``.  Returns ``(perms, sweeps, why, stopped, converged, laps)``."""
+    as ``offset + 1, offset + 2, ...`` (phase ``"refinement"``), or, with ``position = (round, rounds)``, as that
+    perturbation round (phase ``"perturbation"``).  Returns ``(perms, sweeps, why, stopped, converged, laps)``."""
     groups = stack.groups()
     ascent = BlockAscent(stack, perms)
     # the sweeps' objective (starting objective + the accepted gains), where something reads it
@@ -363,8 +382,10 @@ def _refine(stack: Stack, perms: Mapping[str, torch.Tensor], free: torch.Tensor,
         changed, before = 0, ascent.gain
         for p in rng.permutation(order):
             changed += sum(ascent.step(int(p), groups[i]) for i in rng.permutation(len(groups)))
-        stop = report(callback, method="c2m3", phase="refinement", nit=offset + sweeps, max_iter=offset + cap,
-                      changed=changed, objective=None if base is None else base + ascent.gain)
+        where = (dict(phase="refinement", nit=offset + sweeps, max_iter=offset + cap) if position is None else
+                 dict(phase="perturbation", nit=position[0], max_iter=position[1], sweep=sweeps))
+        stop = report(callback, method="c2m3", **where, changed=changed,
+                      objective=None if base is None else base + ascent.gain)
         if changed == 0:
             converged = True
             break
@@ -377,6 +398,35 @@ def _refine(stack: Stack, perms: Mapping[str, torch.Tensor], free: torch.Tensor,
     why = ("a whole sweep changed nothing" if converged else STOPPED if stopped else
            f"a sweep raised the objective by less than refine_tol={tol:g}" if slow else f"reached {cap}")
     return ascent.perms, sweeps, why, stopped, converged, ascent.laps
+
+
+def _perturb(stack: Stack, perms: dict[str, torch.Tensor], free: torch.Tensor, rng: np.random.Generator, *,
+             rounds: int, cap: int, tol: float, callback: Callback | None):
+    """Iterated local search from the refined ``perms`` (see ``perturbations`` in :func:`c2m3_matching`).
+
+    Returns ``(perms, kept, sweeps, laps, stopped, converged)``: the best permutations found, how many rounds raised
+    the objective, the refinement sweeps and LAPs spent, whether the callback stopped it, and whether the kept
+    result's refinement reached a fixed point (``converged`` is meaningful only where ``kept > 0``).
+    """
+    best, best_objective = perms, pair_objective(stack, perms)
+    kept = sweeps = laps = 0
+    stopped = converged = False
+    choices = free.cpu().numpy()
+    for r in range(1, rounds + 1):
+        p = int(rng.choice(choices))
+        candidate = {g: q.clone() for g, q in best.items()}
+        for g, q in candidate.items():
+            q[p] = torch.as_tensor(rng.permutation(q.shape[1]), device=q.device)
+        refined, more, _, stopped, fixed, count = _refine(stack, candidate, free, rng, cap=cap, tol=tol,
+                                                          callback=callback, position=(r, rounds))
+        sweeps += more
+        laps += count
+        objective = pair_objective(stack, refined)
+        if objective > best_objective:  # a round stopped half-way still counts where it is higher
+            best, best_objective, kept, converged = refined, objective, kept + 1, fixed and not stopped
+        if stopped:
+            break
+    return best, kept, sweeps, laps, stopped, converged
 
 
 def _frank_wolfe(stack: Stack, soft: dict[str, torch.Tensor], free: torch.Tensor, eye_idx: Mapping[str, torch.Tensor],

@@ -25,7 +25,9 @@ matrices, then refinement), ``init="sequential"`` and ``max_iter=0`` (the defaul
 match, refined, without Frank-Wolfe); ``c2m3-pfwK`` the same with ``frank_wolfe="pairwise"``, and
 ``c2m3-pfw-paper`` pairwise Frank-Wolfe to the paper's stopping rule from identity matrices,
 rounded, without refinement; ``c2m3-pfwK-tol`` (K = 20, 40) K pairwise iterations and refinement
-stopped by ``refine_tol=1e-5``, ``c2m3-fw20-tol`` the same with the paper's steps; ``--first-seed
+stopped by ``refine_tol=1e-5``, ``c2m3-fw20-tol`` the same with the paper's steps; ``c2m3-fw30-pR`` (R in
+:data:`PERTURBATION_ROUNDS`) ``c2m3-fw30`` followed by R rounds of iterated local search
+(``perturbations=R``); ``--first-seed
 20`` takes the trained MLPs of
 seeds 20, 21, ... (a second set of models).
 """
@@ -56,12 +58,16 @@ from simulations.benchmarks.output import finish, markdown_table
 MODULE = "simulations.benchmarks.matching_speed"
 #: Frank-Wolfe iteration counts of the ``c2m3-fw{K}`` variants (K iterations from identity, rounding, refinement).
 FW_ITERATIONS = (20, 30, 40, 45, 60, 80, 100)
+#: Rounds of iterated local search (``perturbations``) of the ``c2m3-fw30-p{R}`` variants, after 30 iterations.
+PERTURBATION_ROUNDS = (2, 8, 24)
 METHOD_LABELS = {"c2m3": "C²M³ (default: auto start, Frank-Wolfe, refinement to a fixed point)",
                  "c2m3-paper": "C²M³, paper's Algorithm 1 (paper=True)",
                  **{f"c2m3-fw{k}": f"C²M³, {k} Frank-Wolfe iterations from identity + refinement"
                     for k in FW_ITERATIONS},
                  **{f"c2m3-pfw{k}": f"C²M³, {k} pairwise Frank-Wolfe iterations from identity + refinement"
                     for k in (20, 40, 60)},
+                 **{f"c2m3-fw30-p{r}": f"C²M³, 30 Frank-Wolfe iterations from identity + refinement + {r} "
+                                       "perturbation rounds" for r in PERTURBATION_ROUNDS},
                  "c2m3-pfw-paper": "C²M³, pairwise Frank-Wolfe from identity matrices, rounding (no refinement)",
                  "c2m3-fw20-tol": "C²M³, 20 Frank-Wolfe iterations from identity + refinement to refine_tol=1e-5",
                  **{f"c2m3-pfw{k}-tol": f"C²M³, {k} pairwise Frank-Wolfe iterations from identity + refinement to "
@@ -77,6 +83,8 @@ C2M3_VARIANTS = {"c2m3-paper": {"paper": True},
                  **{f"c2m3-fw{k}": {"init": "identity", "max_iter": k} for k in FW_ITERATIONS},
                  **{f"c2m3-pfw{k}": {"init": "identity", "max_iter": k, "frank_wolfe": "pairwise"}
                     for k in (20, 40, 60)},
+                 **{f"c2m3-fw30-p{r}": {"init": "identity", "max_iter": 30, "perturbations": r}
+                    for r in PERTURBATION_ROUNDS},
                  "c2m3-pfw-paper": {"init": "identity", "refine": 0, "frank_wolfe": "pairwise"},
                  "c2m3-fw20-tol": {"init": "identity", "max_iter": 20, "refine_tol": 1e-5},
                  **{f"c2m3-pfw{k}-tol": {"init": "identity", "max_iter": k, "frank_wolfe": "pairwise",
