@@ -41,7 +41,7 @@ def test_perturbation_rounds_leave_a_fixed_point_for_a_higher_one():
     assert searched.objective == pytest.approx(fedmerge.matching_objective(models, spec, searched.transforms),
                                                rel=1e-6)
     assert searched.cycle_error == 0.0 and searched.converged
-    assert "raised the objective and were kept" in searched.message
+    assert "6 perturbation rounds" in searched.message and "raised the objective, the highest is kept" in searched.message
     assert sorted(set(rounds)) == list(range(1, 7))  # every round reports its sweeps
     assert searched.sweeps > plain.sweeps
 

@@ -342,8 +342,9 @@ def c2m3_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec: Symme
             sweeps += more
             converged = fixed if kept else converged
             messages.append(f"{perturbations} perturbation round{'' if perturbations == 1 else 's'} (one model's "
-                            f"permutations drawn at random, every model refined again; {more} sweeps): {kept} raised "
-                            "the objective and were kept")
+                            f"permutations drawn at random, every model refined again; {more} sweeps): " +
+                            (f"{kept} raised the objective, the highest is kept" if kept else
+                             "none raised the objective, the refined result is kept"))
     message = STOPPED if stopped else "; ".join(messages)
     converged = converged and not stopped
     perms = unstack_permutations(hard)
