@@ -147,6 +147,18 @@ def c2m3_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec: Symme
         ``refine_tol`` times its magnitude (default ``0``: only a sweep that changes nothing, or the
         cap, stops it).  Late sweeps each move a few units for a small gain; a tolerance trades that
         tail for time, and the result is then not a fixed point (``converged`` is False).
+    perturbations:
+        Rounds of iterated local search after the refinement (default ``0``: none; not in the
+        paper).  Each round draws one free model (``seed``), replaces all its permutations by
+        random ones — its alignment forgotten, its weights then noise in the others' targets — and
+        refines every model again (``refine`` and ``refine_tol`` apply); the result is kept where
+        its objective is higher than the best so far, so the objective returned never drops.  A
+        fixed point is only the best that single blocks can reach; re-placing a model while the
+        others adapt to it moves the whole set to another fixed point, on trained MLPs often a
+        higher one (BENCHMARKS.md (a) has the gains, and the merged accuracy beside them).  Each
+        round costs about one refinement.  Skipped after a certified start (a global optimum).
+        Every sweep of a round's refinement is reported to the callback (phase
+        ``"perturbation"``, ``nit`` the round, ``sweep``, and the round's own ``objective``).
     confirm:
         After a certified start, also run one Frank-Wolfe iteration as a self-check (default
         ``False``).  It must find step size 0: the certificate also bounds the relaxation
