@@ -43,7 +43,6 @@ def test_perturbation_rounds_leave_a_fixed_point_for_a_higher_one():
     assert searched.cycle_error == 0.0 and searched.converged
     assert "6 perturbation rounds" in searched.message and "raised the objective, the highest is kept" in searched.message
     assert sorted(set(rounds)) == list(range(1, 7))  # every round reports its sweeps
-    assert searched.sweeps > plain.sweeps
 
 
 def test_perturbation_rounds_keep_permuted_copies_exact():
