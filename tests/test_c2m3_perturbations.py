@@ -57,9 +57,9 @@ def test_perturbation_rounds_keep_permuted_copies_exact():
     result = fedmerge.match(copies, spec, method="c2m3", init="identity", max_iter=3, perturbations=4)
     best = fedmerge.match([original] * 4, spec, method="identity").objective
     assert result.objective == pytest.approx(best, rel=1e-6)
+    reference = fedmerge.apply_transform(copies[0], spec, result.transforms[0])
     for sd, t in zip(copies, result.transforms):
         aligned = fedmerge.apply_transform(sd, spec, t)
-        reference = fedmerge.apply_transform(copies[0], spec, result.transforms[0])
         for k in original:
             torch.testing.assert_close(aligned[k], reference[k], atol=1e-5, rtol=0)
 

@@ -200,13 +200,10 @@ def c2m3_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec: Symme
     if n < 2:
         raise ValueError("C²M³ matching needs at least two models")
     if paper:
-        if init not in (None, "identity") or refine not in (None, 0, False):
-            raise ValueError("paper=True runs the paper's algorithm (init='identity', no refinement); "
-                             f"do not combine it with init={init!r}, refine={refine!r}")
+        if init not in (None, "identity") or refine not in (None, 0, False) or perturbations:
+            raise ValueError("paper=True runs the paper's algorithm (init='identity', no refinement); do not combine "
+                             f"it with init={init!r}, refine={refine!r}, perturbations={perturbations!r}")
         init, refine = "identity", 0
-    if paper and perturbations:
-        raise ValueError("paper=True runs the paper's algorithm (no refinement); do not combine it with "
-                         f"perturbations={perturbations!r}")
     if paper and frank_wolfe not in (None, "classic"):
         raise ValueError(f"paper=True runs the paper's Frank-Wolfe; do not combine it with frank_wolfe={frank_wolfe!r}")
     init = "auto" if init is None else init
@@ -297,6 +294,7 @@ def c2m3_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec: Symme
     history: list[float] = []
     nit, fw_converged = 0, False
     hard = start
+    objective = None  # Eq. 4 at ``hard`` where a phase already computed it exactly
     if max_iter > 0 and not stopped:
         soft = {g: torch.zeros(n, sizes[g], sizes[g], device=dev).scatter_(1, start[g].unsqueeze(1), 1.0)
                 for g in groups}
@@ -348,7 +346,7 @@ def c2m3_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec: Symme
                                 f"sequential match ({incumbent_objective:.6g}) and is kept")
         hard = refined
         if perturbations and not stopped:
-            hard, kept, more, count, stopped, fixed = _perturb(
+            hard, objective, kept, more, count, stopped, fixed = _perturb(
                 stack, hard, free, rng, rounds=int(perturbations), cap=sweeps_cap, tol=refine_tol, callback=callback)
             laps += count
             sweeps += more
@@ -366,7 +364,8 @@ def c2m3_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec: Symme
                     f"'mergemany' and 'git-rebasin' search each group's own kind)")
     return {
         "transforms": perms,
-        "objective": incumbent_objective if hard is incumbent else pair_objective(stack, hard),
+        "objective": (objective if objective is not None else incumbent_objective if hard is incumbent else
+                      pair_objective(stack, hard)),
         "nit": nit,
         "converged": converged,
         "message": message,
@@ -417,8 +416,8 @@ def _perturb(stack: Stack, perms: dict[str, torch.Tensor], free: torch.Tensor, r
              rounds: int, cap: int, tol: float, callback: Callback | None):
     """Iterated local search from the refined ``perms`` (see ``perturbations`` in :func:`c2m3_matching`).
 
-    Returns ``(perms, kept, sweeps, laps, stopped, converged)``: the best permutations found, how many rounds raised
-    the objective, the refinement sweeps and LAPs spent, whether the callback stopped it, and whether the kept
+    Returns ``(perms, objective, kept, sweeps, laps, stopped, converged)``: the best permutations found and their
+    Eq. 4, how many rounds raised the objective, the refinement sweeps and LAPs spent, whether the callback stopped it, and whether the kept
     result's refinement reached a fixed point (``converged`` is meaningful only where ``kept > 0``).
     """
     best, best_objective = perms, pair_objective(stack, perms)
@@ -439,7 +438,7 @@ def _perturb(stack: Stack, perms: dict[str, torch.Tensor], free: torch.Tensor, r
             best, best_objective, kept, converged = refined, objective, kept + 1, fixed and not stopped
         if stopped:
             break
-    return best, kept, sweeps, laps, stopped, converged
+    return best, best_objective, kept, sweeps, laps, stopped, converged
 
 
 def _frank_wolfe(stack: Stack, soft: dict[str, torch.Tensor], free: torch.Tensor, eye_idx: Mapping[str, torch.Tensor],
