@@ -132,7 +132,8 @@ def match(state_dicts: Sequence[StateDict], spec: SymmetrySpec | None = None,
         **options)`` (see the module docstring).  Names: ``"c2m3"`` (default; cycle-consistent:
         permuted copies certified by a sequential match, otherwise Frank-Wolfe's rounding or that
         match, whichever scores higher once refined to a fixed point; options ``max_iter=200``,
-        ``tol=1e-6``, ``patience=5``, ``factorize``,
+        ``tol`` and ``patience`` (Frank-Wolfe's stopping rule; by default the authors' where
+        the rounding is the result, looser where it only starts the refinement), ``factorize``,
         ``init="auto"``, ``refine=True``, ``paper=False`` (``True``: the paper's algorithm alone),
         ``seed``), ``"mergemany"`` (``max_iter=100`` sweeps, ``inner_max_iter``,
         ``seed``), ``"git-rebasin"`` (every model to ``reference=0``; ``max_iter``, ``seed``),

@@ -27,7 +27,9 @@ class C2M3(MergingStrategy):
         models trained from one global model converge in a few iterations.
     tol, patience:
         Stop earlier when the objective improves by less than ``tol`` (relative) for ``patience``
-        iterations in a row.
+        iterations in a row.  Default ``None``: the library's rule for the refinement chosen (with
+        a capped ``refine``, such as this strategy's default, the authors' 1e-6 for 5 iterations;
+        see :func:`fedmerge.matching.c2m3.c2m3_matching`).
     refine:
         Block-coordinate sweeps polishing the Frank-Wolfe permutations (each model's groups
         re-solved against the sum of the others).  Default ``1``: one sweep per round, since a
@@ -48,7 +50,7 @@ class C2M3(MergingStrategy):
 
     align = "c2m3"
 
-    def __init__(self, *, max_iter: int = 20, tol: float = 1e-6, patience: int = 5, refine: bool | int = 1,
-                 init: str = "auto", **kwargs: Any) -> None:
+    def __init__(self, *, max_iter: int = 20, tol: float | None = None, patience: int | None = None,
+                 refine: bool | int = 1, init: str = "auto", **kwargs: Any) -> None:
         super().__init__(match_options={"max_iter": max_iter, "tol": tol, "patience": patience,
                                         "refine": refine, "init": init}, **kwargs)
