@@ -142,8 +142,11 @@ def c2m3_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec: Symme
         figures).  The spec's group order runs from the input side (zoo models, traced
         specs): a permuted copy's first group is then fixed by its unpermuted inputs and each pass
         carries that through the network; in random orders a deep chain needs up to a pass per
-        layer.  With ``max_iter=0`` the sequential match is refined without Frank-Wolfe: on weakly
-        aligned models the faster and the better choice.  ``"identity"``: the paper's start, always.
+        layer.  With ``max_iter=0`` the sequential match is refined without Frank-Wolfe: on random
+        initialisations the faster and the better choice, but not on models trained briefly from
+        independent inits (federated first rounds), which look as weakly aligned and where
+        Frank-Wolfe's result merges far better (BENCHMARKS.md (a)).  ``"identity"``: the paper's
+        start, always.
         ``"sequential"``: the sequential match as Frank-Wolfe's start, compared with the rounding as
         under ``"auto"``; the match is near a refinement fixed point, which Frank-Wolfe cannot leave
         (every block's oracle returns its own permutation there), so Frank-Wolfe rarely moves far
