@@ -52,5 +52,6 @@ class C2M3(MergingStrategy):
 
     def __init__(self, *, max_iter: int = 20, tol: float | None = None, patience: int | None = None,
                  refine: bool | int = 1, init: str = "auto", **kwargs: Any) -> None:
-        super().__init__(match_options={"max_iter": max_iter, "tol": tol, "patience": patience,
-                                        "refine": refine, "init": init}, **kwargs)
+        options = {"max_iter": max_iter, "tol": tol, "patience": patience, "refine": refine, "init": init}
+        # tol and patience left out unless given: the library's rule for the refinement chosen applies
+        super().__init__(match_options={k: v for k, v in options.items() if v is not None}, **kwargs)
