@@ -22,11 +22,9 @@ def _random_mlps(n: int = 6):
 
 def test_refinement_to_a_fixed_point_stops_frank_wolfe_by_the_start_rule():
     models, spec = _random_mlps()
-    paper_rule = dict(zip(("tol", "patience"), PAPER_STOP))
     default = fedmerge.match(models, spec, method="c2m3", init="identity")
-    long = fedmerge.match(models, spec, method="c2m3", init="identity", **paper_rule)
-    tol, patience = START_STOP
-    assert f"less than tol={tol:g} for {patience} iterations" in default.message
+    long = fedmerge.match(models, spec, method="c2m3", init="identity", **PAPER_STOP)
+    assert f"less than tol={START_STOP['tol']:g} for {START_STOP['patience']} iterations" in default.message
     assert default.nit < long.nit
     # the same iterates up to where the looser rule stops
     assert default.history == pytest.approx(long.history[:len(default.history)], rel=1e-9)
@@ -44,10 +42,8 @@ def test_a_rounding_that_is_the_result_keeps_the_authors_rule(options):
     models, spec = _random_mlps()
     init = {} if "paper" in options else {"init": "identity"}
     got = fedmerge.match(models, spec, method="c2m3", **init, **options)
-    given = fedmerge.match(models, spec, method="c2m3", **init, **options,
-                           **dict(zip(("tol", "patience"), PAPER_STOP)))
-    looser = fedmerge.match(models, spec, method="c2m3", **init, **options,
-                            **dict(zip(("tol", "patience"), START_STOP)))
+    given = fedmerge.match(models, spec, method="c2m3", **init, **options, **PAPER_STOP)
+    looser = fedmerge.match(models, spec, method="c2m3", **init, **options, **START_STOP)
     assert got.nit == given.nit > looser.nit
     assert got.history == given.history
 

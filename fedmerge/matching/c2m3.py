@@ -37,6 +37,7 @@ sweeps (``refine_tol``) and rounds of iterated local search after it (``perturba
 from __future__ import annotations
 
 import itertools
+from types import MappingProxyType
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -57,13 +58,13 @@ __all__ = ["c2m3_matching"]
 _START_SWEEPS = 100
 #: Relative gap to the Cauchy-Schwarz bound under which a model counts as coinciding with the placed ones.
 _CERTIFICATE_RTOL = 1e-7
-#: Frank-Wolfe's stopping rule ``(tol, patience)`` where its rounding is the result, or is refined by a capped number
-#: of sweeps: the authors' implementation's (a gain under 1e-6 for 5 iterations; theirs absolute, ours relative).
-PAPER_STOP = (1e-6, 5)
+#: Frank-Wolfe's stopping rule (``tol``, ``patience``) where its rounding is the result, or is refined by a capped
+#: number of sweeps: the authors' implementation's (a gain under 1e-6 for 5 iterations; theirs absolute, ours relative).
+PAPER_STOP = MappingProxyType({"tol": 1e-6, "patience": 5})
 #: Frank-Wolfe's stopping rule where its rounding only starts a refinement to a fixed point (``refine=True``): the
 #: refined objective stops rising long before the relaxed one, and this rule stops about there (BENCHMARKS.md (a),
 #: "The default's stopping rule", has the measurements it was set from).
-START_STOP = (3e-4, 3)
+START_STOP = MappingProxyType({"tol": 3e-4, "patience": 3})
 
 
 def _best_step(poly: np.ndarray) -> tuple[float, float]:
@@ -246,8 +247,8 @@ def c2m3_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec: Symme
     if max_iter == 0 and init == "identity" and sweeps_cap == 0:
         raise ValueError("max_iter=0 with init='identity' and no refinement does nothing; give max_iter >= 1")
     rule = START_STOP if refine is True else PAPER_STOP
-    tol = rule[0] if tol is None else tol
-    patience = rule[1] if patience is None else patience
+    tol = rule["tol"] if tol is None else tol
+    patience = rule["patience"] if patience is None else patience
     if not tol >= 0:
         raise ValueError(f"tol must be >= 0, got {tol}")
     if not (isinstance(refine_tol, (int, float)) and refine_tol >= 0 and np.isfinite(refine_tol)):

@@ -25,7 +25,7 @@ __all__ = ["METHOD_VARIANTS", "PAPER_WIDTHS", "bench_cache_dir", "method_call", 
 #: Benchmark method names that are fedmerge methods with extra options.  ``c2m3+refine`` runs Frank-Wolfe to the
 #: paper's stopping rule (or ``--max-iter``) before refining, not to the default's earlier one.
 METHOD_VARIANTS: dict[str, tuple[str, dict]] = {
-    "c2m3+refine": ("c2m3", {"refine": True, **dict(zip(("tol", "patience"), PAPER_STOP))})}
+    "c2m3+refine": ("c2m3", {"refine": True, **PAPER_STOP})}
 
 
 def method_call(method: str) -> tuple[str, dict]:

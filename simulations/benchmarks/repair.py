@@ -69,7 +69,7 @@ PAPER_TABLE1_CNN = {"resnet20": {"naive": 0.10, "mergemany": 0.37, "c2m3": 0.40,
                               "c2m3+repair": 0.62}}
 #: Table 1's C²M³ (MLP and CNN sections): the default, with Frank-Wolfe run to the authors' stopping rule as in the
 #: paper's runs (the default's own rule stops it earlier, before its refinement to a fixed point).
-TABLE1_C2M3 = dict(zip(("tol", "patience"), PAPER_STOP))
+TABLE1_C2M3 = dict(PAPER_STOP)
 #: REPAIR's reference notebook, MNIST MLP of 8×128 units, two models: accuracy of the midpoint.
 PAPER_TWO_MODELS = {"aligned": 0.717, "aligned+repair": 0.830}
 
