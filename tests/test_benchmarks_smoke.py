@@ -159,6 +159,31 @@ def test_c2m3_scaling_smoke(tmp_path, capsys):
     assert "Git Re-Basin (to model 0)" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("device, message", [("meta", "give cpu or a CUDA device"),
+                                             ("cuda", "torch sees no CUDA device here")])
+def test_c2m3_scaling_refuses_a_device_it_cannot_use(device, message, capsys):
+    """A device the worker would not move the models to, or CUDA on a host without it: refused before any run."""
+    from simulations.benchmarks import c2m3_scaling
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this host has CUDA")
+    with pytest.raises(SystemExit):
+        c2m3_scaling.main(["mlp", "--sizes", "2", "--widths", "8", "--device", device, "--no-progress"])
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_c2m3_scaling_on_the_gpu(tmp_path):
+    """The models are matched on the GPU and the table reports the GPU's peak memory above them."""
+    from simulations.benchmarks import c2m3_scaling
+    out = tmp_path / "scaling.json"
+    c2m3_scaling.main(["mlp", "--sizes", "2,3", "--widths", "16,16", "--methods", "git-rebasin,c2m3",
+                       "--max-iter", "3", "--refine", "2", "--device", "cuda", "--no-progress", "--out", str(out)])
+    rows = json.loads(out.read_text())["results"]
+    for r in rows:
+        assert "error" not in r, r
+        assert r["device"] == "cuda" and r["gpu_peak_extra"] > 0 and r["cycle_error"] == 0.0
+
+
 # --------------------------------------------------------------------------- orthogonal.py on CIFAR-10
 def _write_cifar10(root: Path, per_batch: int, test: int) -> None:
     """CIFAR-10's python batches (five training batches, a test batch, the metadata) of random images."""

@@ -29,6 +29,10 @@ aligner's own (``MatchResult.seconds``).  Methods: ``git-rebasin``, ``c2m3`` (de
 ``c2m3-paper`` (``paper=True``), ``c2m3-confirm`` (``confirm=True``: a certified start is
 confirmed by one Frank-Wolfe iteration) and ``c2m3-no-fw`` (``max_iter=0``: the
 sequential match, refined, without Frank-Wolfe).
+
+``--device cuda`` moves the models to the GPU before matching (the products run there, the LAPs stay
+on the CPU threads) and adds the GPU's peak memory above the models
+(``torch.cuda.max_memory_allocated``), in float32 copies of the n models, to the table.
 """
 
 from __future__ import annotations
@@ -117,6 +121,13 @@ def worker(config: dict) -> dict:
     else:
         sds, spec, base = _torchvision(config["arch"], config["n"], config["kind"])
     theta = sum(sds[0][k].numel() for k in spec.permuted_keys if torch.is_floating_point(sds[0][k]))
+    device = torch.device(config.get("device", "cpu"))
+    cuda = device.type == "cuda"
+    if cuda:
+        sds = [{k: v.to(device) for k, v in sd.items()} for sd in sds]
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        gpu_models = torch.cuda.memory_allocated(device)
     rss_models = _current_rss_mib()
     name, extra = VARIANTS[config["method"]]
     options = dict(extra)
@@ -136,6 +147,8 @@ def worker(config: dict) -> dict:
     assignment.reset_stats()
     start = time.perf_counter()
     res = fedmerge.match(sds, spec, method=name, callback=watch, **options)
+    if cuda:
+        torch.cuda.synchronize(device)
     seconds = float(res.seconds)  # the aligner's own time (match() then also computes diagnostics)
     stats = assignment.reset_stats()
     fw = [t for phase, t in stamps if phase == "frank-wolfe"]
@@ -144,9 +157,11 @@ def worker(config: dict) -> dict:
            "sweeps": res.get("sweeps"), "laps": stats["calls"], "lap_seconds": stats["seconds"],
            "objective": float(res.objective), "converged": bool(res.converged), "message": str(res.message),
            "rss_models_mib": rss_models, "peak_rss_mib": _rss_mib(), "cycle_error": float(res.cycle_error)}
+    if cuda:  # the GPU's peak above the models, in float32 copies of the n models
+        out["gpu_peak_extra"] = (torch.cuda.max_memory_allocated(device) - gpu_models) / (config["n"] * theta * 4)
     if base is not None:  # permuted copies: is the merge the original model?
         merged = fedmerge.merge(sds, align=lambda s, sp, callback=None: {"transforms": res.transforms}, spec=spec)
-        out["merge_rel_error"] = max(float((merged[k].float() - base[k].float()).abs().max()
+        out["merge_rel_error"] = max(float((merged[k].float().cpu() - base[k].float()).abs().max()
                                            / max(float(base[k].float().abs().max()), 1e-30))
                                      for k in base if torch.is_floating_point(base[k]))
     return out
@@ -186,6 +201,8 @@ def _table(rows: Sequence[dict], family: str) -> str:
              "extra": _fmt((r["peak_rss_mib"] - r["rss_models_mib"]) / one_copy, ".1f")}
         if "merge_rel_error" in r:
             d["merge_err"] = _fmt(r["merge_rel_error"], ".1e")
+        if "gpu_peak_extra" in r:
+            d["gpu_extra"] = _fmt(r["gpu_peak_extra"], ".1f")
         disp.append(d)
     cols = [("what", "models"), ("n", "n"), ("method", "method"), ("seconds", "wall s"),
             ("vs", "wall / reference" if family == "mlp" else "wall / Git Re-Basin"),
@@ -194,11 +211,13 @@ def _table(rows: Sequence[dict], family: str) -> str:
             ("peak_mib", "peak RSS MiB"), ("extra", "(peak − models) / (n·|θ|·4 B)")]
     if any("merge_err" in d for d in disp):
         cols.append(("merge_err", "merged vs original (rel.)"))
+    if any("gpu_extra" in d for d in disp):
+        cols.append(("gpu_extra", "GPU peak above models / (n·|θ|·4 B)"))
     return markdown_table(disp, cols)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from simulations.benchmarks.cli import parse_int_list, positive_int
+    from simulations.benchmarks.cli import parse_int_list, positive_int, torch_device
     p = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="family", required=True)
     m = sub.add_parser("mlp", help="cost against the number of clients (random-init MLPs)")
@@ -219,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-iter", type=positive_int, default=None, help="C²M³'s Frank-Wolfe cap (default: its own)")
     for q in (m, t):
         q.add_argument("--threads", type=positive_int, default=1, help="torch threads in each worker (default 1)")
+        q.add_argument("--device", type=torch_device, default="cpu",
+                       help="where the models are matched: cpu (default) or a CUDA device (cuda, cuda:1)")
         q.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                        help="print each iteration's callback to stderr (default: on)")
         q.add_argument("--out", default=None, help="write the rows as JSON to this file")
@@ -229,10 +250,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.family == "worker":
         print(json.dumps(worker(json.loads(args.config))))
         return {}
+    import torch
+    if torch.device(args.device).type not in ("cpu", "cuda"):
+        parser.error(f"--device {args.device}: give cpu or a CUDA device (cuda, cuda:1)")
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: torch sees no CUDA device here")
     from simulations.benchmarks.cli import ensure_stdout_utf8
     from simulations.benchmarks.environment import environment, format_environment
     from simulations.benchmarks.output import write_json
@@ -241,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     env["threads"] = args.threads
     methods = [s for s in args.methods.split(",") if s]
     rows: list[dict] = []
-    common = {"family": args.family, "threads": args.threads, "progress": args.progress}
+    common = {"family": args.family, "threads": args.threads, "progress": args.progress, "device": args.device}
     if args.family == "mlp":
         configs = [[{**common, "n": n, "widths": args.widths, "method": meth,
                      "max_iter": args.max_iter or None, "refine": args.refine} for meth in methods] for n in args.sizes]
