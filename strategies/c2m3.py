@@ -28,8 +28,8 @@ class C2M3(MergingStrategy):
     tol, patience:
         Stop earlier when the objective improves by less than ``tol`` (relative) for ``patience``
         iterations in a row.  Default ``None``: the library's rule for the refinement chosen (with
-        a capped ``refine``, such as this strategy's default, the authors' 1e-6 for 5 iterations;
-        see :func:`fedmerge.matching.c2m3.c2m3_matching`).
+        a capped ``refine``, such as this strategy's default, the authors' rule,
+        :data:`fedmerge.matching.c2m3.PAPER_STOP`; see :func:`fedmerge.matching.c2m3.c2m3_matching`).
     refine:
         Block-coordinate sweeps polishing the Frank-Wolfe permutations (each model's groups
         re-solved against the sum of the others).  Default ``1``: one sweep per round, since a

@@ -64,6 +64,16 @@ def test_perturbation_rounds_keep_permuted_copies_exact():
             torch.testing.assert_close(aligned[k], reference[k], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("rounds", [0, 2])
+def test_default_start_reports_eq4_at_what_it_returns(rounds):
+    """The default start on models that are not copies: the refined rounding is kept over the sequential match, and
+    its objective, computed once for that comparison, is what is reported (and where the rounds start from)."""
+    models, spec = _noisy_permuted_copies()
+    result = fedmerge.match(models, spec, method="c2m3", perturbations=rounds)
+    assert "the refined rounding" in result.message and "is kept" in result.message
+    assert result.objective == pytest.approx(fedmerge.matching_objective(models, spec, result.transforms), rel=1e-9)
+
+
 def test_a_callback_stops_the_perturbation_rounds_with_a_valid_result():
     models, spec = _noisy_permuted_copies()
     options = dict(method="c2m3", init="identity", max_iter=5)

@@ -363,12 +363,14 @@ def c2m3_matching(state_dicts: Sequence[Mapping[str, torch.Tensor]], spec: Symme
                 sweeps += more
                 messages.append(f"{more} refinement sweep{'' if more == 1 else 's'}: {what}")
             else:
+                objective = refined_objective
                 messages.append(f"the refined rounding ({refined_objective:.6g}) scored at least as high as the "
                                 f"sequential match ({incumbent_objective:.6g}) and is kept")
         hard = refined
         if perturbations and not stopped:
             hard, objective, kept, more, count, stopped, fixed = _perturb(
-                stack, hard, free, rng, rounds=int(perturbations), cap=sweeps_cap, tol=refine_tol, callback=callback)
+                stack, hard, free, rng, rounds=int(perturbations), cap=sweeps_cap, tol=refine_tol, callback=callback,
+                objective=objective)
             laps += count
             sweeps += more
             converged = fixed if kept else converged
@@ -434,14 +436,15 @@ def _refine(stack: Stack, perms: Mapping[str, torch.Tensor], free: torch.Tensor,
 
 
 def _perturb(stack: Stack, perms: dict[str, torch.Tensor], free: torch.Tensor, rng: np.random.Generator, *,
-             rounds: int, cap: int, tol: float, callback: Callback | None):
-    """Iterated local search from the refined ``perms`` (see ``perturbations`` in :func:`c2m3_matching`).
+             rounds: int, cap: int, tol: float, callback: Callback | None, objective: float | None = None):
+    """Iterated local search from the refined ``perms`` (see ``perturbations`` in :func:`c2m3_matching`), whose
+    Eq. 4 is ``objective`` where the caller already computed it.
 
     Returns ``(perms, objective, kept, sweeps, laps, stopped, converged)``: the best permutations found and their
     Eq. 4, how many rounds raised the objective, the refinement sweeps and LAPs spent, whether the callback stopped it, and whether the kept
     result's refinement reached a fixed point (``converged`` is meaningful only where ``kept > 0``).
     """
-    best, best_objective = perms, pair_objective(stack, perms)
+    best, best_objective = perms, pair_objective(stack, perms) if objective is None else objective
     kept = sweeps = laps = 0
     stopped = converged = False
     choices = free.cpu().numpy()

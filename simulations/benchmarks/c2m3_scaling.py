@@ -147,8 +147,6 @@ def worker(config: dict) -> dict:
     assignment.reset_stats()
     start = time.perf_counter()
     res = fedmerge.match(sds, spec, method=name, callback=watch, **options)
-    if cuda:
-        torch.cuda.synchronize(device)
     seconds = float(res.seconds)  # the aligner's own time (match() then also computes diagnostics)
     stats = assignment.reset_stats()
     fw = [t for phase, t in stamps if phase == "frank-wolfe"]
@@ -256,9 +254,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(json.dumps(worker(json.loads(args.config))))
         return {}
     import torch
-    if torch.device(args.device).type not in ("cpu", "cuda"):
+    kind = torch.device(args.device).type
+    if kind not in ("cpu", "cuda"):
         parser.error(f"--device {args.device}: give cpu or a CUDA device (cuda, cuda:1)")
-    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+    if kind == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: torch sees no CUDA device here")
     from simulations.benchmarks.cli import ensure_stdout_utf8
     from simulations.benchmarks.environment import environment, format_environment
